@@ -1,0 +1,5 @@
+import sys
+
+from agop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""The average gradient outer product (Section 3.3) of kernel machines and of torch models.
+
+AGOP(f, X) = (1/n) Σᵢ Jᵢᵀ Jᵢ, with Jᵢ the K × D Jacobian of the K outputs of f at xᵢ (so the
+AGOP is D × D). Algorithm 1 writes the sum without 1/n; the factor only rescales M, which the
+next layer's normalization removes.
+
+For a kernel machine f(x) = Σⱼ αⱼ k(x, cⱼ) with a radial kernel, ∇ₓk(x, c) = −w(x, c)(x − c)
+(:meth:`agop.kernels.RadialKernel.gradient_weights`), so for output k and evaluation points P
+(n × D) the n × D matrix of gradients is
+
+    G_k = W diag(α_k) C − diag(W α_k) P,    W_ij = w(p_i, c_j),
+
+and M = (1/n) Σ_k G_kᵀ G_k. Two exact ways to evaluate it (chosen by :func:`agop_cost`):
+
+- ``"direct"``: G_k chunk by chunk of rows of P; about 2nNKD + 2nKD² FLOPs.
+- ``"gram"`` (P = C only, W symmetric): M = (1/n) Cᵀ Q C with
+  Q = (W²)∘(AAᵀ) − W∘(ABᵀ + BAᵀ) + diag(Σ_k B_k²), A = α, B = WA; about N³ (W² computed as a
+  symmetric product) + 2N²D + 2ND² FLOPs — far cheaper when N < K·D.
+
+Derivation of the gram form: G_k = P_k C with P_k = W diag(a_k) − diag(b_k), so
+Σ_k G_kᵀG_k = Cᵀ (Σ_k P_kᵀP_k) C and, W being symmetric,
+Σ_k P_kᵀP_k = Σ_k diag(a_k)W²diag(a_k) − diag(a_k)W diag(b_k) − diag(b_k)W diag(a_k) + diag(b_k²),
+whose four sums are the four terms of Q (diag(u) S diag(v) = S ∘ uvᵀ).
+
+At a training point the Laplace kernel's term j = i is not differentiable; it is dropped by
+index (its weight set to 0), never by a distance threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from agop.backend import plan_rows
+from agop.kernels import RadialKernel, _zero_self, pairwise_distances
+from agop.linalg import gram_lower_blocks
+
+METHODS = ("auto", "direct", "gram")
+
+
+def agop_cost(n: int, N: int, K: int, D: int, method: str) -> float:
+    """Approximate FLOPs of :func:`kernel_agop` (n points, N centers, K outputs, D features).
+
+    direct: distances 2nND, Wα 2nNK, the K gradient blocks 2nNKD, their outer products 2nKD².
+    gram:   W² as a symmetric product ≈ N³, distances 2N²D, QC 2N²D, Cᵀ(QC) 2ND², the
+            rank-K products AAᵀ, ABᵀ, BAᵀ and WA ≈ 8N²K.
+    """
+    if method == "direct":
+        return 2.0 * n * N * (D + K + K * D) + 2.0 * n * K * D * D
+    if method == "gram":
+        return float(N) ** 3 + 4.0 * N * N * D + 8.0 * N * N * K + 2.0 * N * D * D
+    raise ValueError(f"method must be one of {METHODS[1:]}; got {method!r}")
+
+
+def choose_method(n: int, N: int, K: int, D: int, same_points: bool) -> str:
+    """The cheaper exact method by :func:`agop_cost` (``"gram"`` needs points = centers)."""
+    if not same_points:
+        return "direct"
+    return min(("direct", "gram"), key=lambda m: agop_cost(n, N, K, D, m))
+
+
+def _weights(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor,
+             self_offset: int | None) -> torch.Tensor:
+    """W_ij = w(p_i, c_j) with the self terms (i, self_offset + i) set to 0 by index."""
+    dist = pairwise_distances(P, C, diagonal_offset=self_offset)
+    W = kernel.gradient_weights(kernel.from_distances(dist), dist)
+    if self_offset is not None:
+        _zero_self(W, self_offset)
+    return W
+
+
+def _check(centers: torch.Tensor, coef: torch.Tensor, points: torch.Tensor | None) -> torch.Tensor:
+    if centers.ndim != 2:
+        raise ValueError(f"centers must be N × D; got shape {tuple(centers.shape)}")
+    if coef.ndim == 1:
+        coef = coef[:, None]
+    if coef.ndim != 2 or coef.shape[0] != centers.shape[0]:
+        raise ValueError(
+            f"coef must be N × K with one row per center ({centers.shape[0]}); got shape "
+            f"{tuple(coef.shape)}"
+        )
+    if points is not None and (points.ndim != 2 or points.shape[1] != centers.shape[1]):
+        raise ValueError(
+            f"points must be n × D with D = {centers.shape[1]}; got shape {tuple(points.shape)}"
+        )
+    for name, t in (("centers", centers), ("coef", coef), ("points", points)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    return coef
+
+
+def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
+                points: torch.Tensor | None = None, *, method: str = "auto",
+                chunk_rows: int | None = None) -> torch.Tensor:
+    """AGOP of f(x) = Σⱼ coef_j k(x, c_j) over ``points`` (default: the centers, self terms dropped).
+
+    Args:
+        kernel: a radial kernel (:class:`agop.kernels.LaplaceKernel` / ``GaussianKernel``).
+        centers: C, N × D.
+        coef: α, N × K (or N).
+        points: P, n × D; ``None`` means P = C, with the non-differentiable term j = i of each
+            point excluded by index. Passing the centers tensor itself also counts as P = C.
+        method: ``"auto"`` (cheaper by :func:`agop_cost`), ``"direct"`` or ``"gram"``.
+        chunk_rows: rows of P per chunk (default: planned from free memory).
+
+    Returns:
+        M, D × D, (1/n) Σᵢ Σ_k ∇f_k(pᵢ) ∇f_k(pᵢ)ᵀ, in the dtype and on the device of ``centers``.
+    """
+    coef = _check(centers, coef, points)
+    same = points is None or points is centers
+    P = centers if same else points
+    coef = coef.to(centers.dtype)
+    n, (N, D), K = P.shape[0], centers.shape, coef.shape[1]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if method == "auto":
+        method = choose_method(n, N, K, D, same)
+    if method == "gram" and not same:
+        raise ValueError("method='gram' needs points = centers (W must be symmetric)")
+    if method == "gram":
+        M = _agop_gram(kernel, centers, coef, chunk_rows)
+    else:
+        M = _agop_direct(kernel, P, centers, coef, same, chunk_rows)
+    M /= n
+    return 0.5 * (M + M.T)
+
+
+def _agop_direct(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor, A: torch.Tensor,
+                 same: bool, chunk_rows: int | None) -> torch.Tensor:
+    n, D = P.shape
+    N, K = A.shape
+    item = C.element_size()
+    if chunk_rows is None:
+        # per row: distances/kernel/weights (≈3N) + K gradient rows (K·D); fixed: one scaled C
+        chunk_rows = plan_rows((3 * N + K * D + D) * item, n, C.device,
+                               fixed_bytes=(N * D + D * D) * item)
+    M = torch.zeros((D, D), dtype=C.dtype, device=C.device)
+    for i0 in range(0, n, chunk_rows):
+        i1 = min(n, i0 + chunk_rows)
+        W = _weights(kernel, P[i0:i1], C, i0 if same else None)  # (b, N)
+        B = W @ A  # (b, K)
+        G = torch.empty((K, i1 - i0, D), dtype=C.dtype, device=C.device)
+        for k in range(K):
+            torch.mm(W, A[:, k:k + 1] * C, out=G[k])
+            G[k].addcmul_(B[:, k:k + 1], P[i0:i1], value=-1.0)
+        Gf = G.reshape(-1, D)
+        M.addmm_(Gf.T, Gf)
+        del W, G, Gf
+    return M
+
+
+def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
+               chunk_rows: int | None) -> torch.Tensor:
+    N, D = C.shape
+    item = C.element_size()
+    if chunk_rows is None:
+        chunk_rows = plan_rows(3 * N * item, N, C.device, fixed_bytes=3 * N * N * item)
+    W = torch.empty((N, N), dtype=C.dtype, device=C.device)
+    for i0 in range(0, N, chunk_rows):
+        i1 = min(N, i0 + chunk_rows)
+        W[i0:i1] = _weights(kernel, C[i0:i1], C, i0)
+    # W is symmetric up to rounding (row chunks round differently); W Wᵀ below stands for
+    # WᵀW, which differs from it by rounding only.
+    B = W @ A  # (N, K)
+    Q = gram_lower_blocks(W, blocks=max(2, min(16, N // 512)))  # W² = W Wᵀ
+    for i0 in range(0, N, chunk_rows):
+        i1 = min(N, i0 + chunk_rows)
+        Qi = Q[i0:i1]
+        Qi.mul_(A[i0:i1] @ A.T)
+        Qi.sub_(W[i0:i1] * (A[i0:i1] @ B.T + B[i0:i1] @ A.T))
+    del W
+    Q.diagonal().add_((B * B).sum(dim=1))
+    return C.T @ (Q @ C)
+
+
+def model_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, *,
+               batch_size: int | None = None) -> torch.Tensor:
+    """AGOP of any differentiable torch callable: (1/N) Σᵢ Jᵢᵀ Jᵢ by autograd, in float64.
+
+    Args:
+        fn: maps a batch B × D (or B × d₁ × …) to outputs B × K (or B); each sample's outputs
+            must depend on that sample only (no batch-coupling layers such as BatchNorm in
+            training mode).
+        X: inputs, N × D (or N × d₁ × …); Jacobians are taken w.r.t. the flattened input.
+        batch_size: samples per vmap'd Jacobian batch (default: planned from free memory).
+
+    Returns:
+        D × D float64 tensor on X's device, D = number of input features per sample.
+    """
+    if X.ndim < 2 or X.shape[0] < 1:
+        raise ValueError(f"X must have a leading sample dimension N ≥ 1; got shape {tuple(X.shape)}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("X contains NaN or inf")
+    N = X.shape[0]
+    D = X[0].numel()
+
+    def single(x: torch.Tensor) -> torch.Tensor:
+        return fn(x[None]).reshape(-1)
+
+    jac = torch.func.vmap(torch.func.jacrev(single))
+    if batch_size is None:
+        with torch.no_grad():
+            K = single(X[0]).numel()
+        batch_size = plan_rows(8 * K * D * X.element_size(), N, X.device, fraction=0.25)
+    M = torch.zeros((D, D), dtype=torch.float64, device=X.device)
+    for i0 in range(0, N, batch_size):
+        J = jac(X[i0:i0 + batch_size]).reshape(-1, D).to(torch.float64)  # (B·K, D)
+        M.addmm_(J.T, J)
+    return M / N

@@ -1,0 +1,174 @@
+"""kernel_agop and model_agop against autograd (torch.func) in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agop.agop import agop_cost, choose_method, kernel_agop, model_agop
+from agop.kernels import GaussianKernel, LaplaceKernel
+
+KERNELS = [LaplaceKernel(2.0), LaplaceKernel(0.7), GaussianKernel(1.3)]
+
+
+def _data(N=40, D=7, K=3, n_new=25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(N, D, generator=g, dtype=torch.float64)
+    C = C / C.norm(dim=1, keepdim=True)
+    A = torch.randn(N, K, generator=g, dtype=torch.float64)
+    P = torch.randn(n_new, D, generator=g, dtype=torch.float64)
+    return C, A, P
+
+
+def _kernel_fn(kernel, centers, coef):
+    """f(x) = Σ_j coef_j k(x, c_j) written with plain torch ops (distance by sqrt of a sum)."""
+
+    def f(x):  # x: (D,)
+        d = torch.sqrt(((x[None, :] - centers) ** 2).sum(dim=1))
+        return kernel.from_distances(d) @ coef
+
+    return f
+
+
+def _reference_agop(kernel, C, A, P=None):
+    """(1/n) Σ_i J_iᵀ J_i by torch.func.jacrev, one point at a time; at the centers the
+    term j = i is removed from the sum defining f before differentiating (self term dropped)."""
+    total = torch.zeros(C.shape[1], C.shape[1], dtype=torch.float64)
+    if P is None:
+        for i in range(C.shape[0]):
+            keep = torch.arange(C.shape[0]) != i
+            J = torch.func.jacrev(_kernel_fn(kernel, C[keep], A[keep]))(C[i])  # (K, D)
+            total += J.T @ J
+        return total / C.shape[0]
+    f = _kernel_fn(kernel, C, A)
+    for x in P:
+        J = torch.func.jacrev(f)(x)
+        total += J.T @ J
+    return total / P.shape[0]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=repr)
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_kernel_agop_matches_autograd_at_centers(kernel, method):
+    C, A, _ = _data()
+    M = kernel_agop(kernel, C, A, method=method)
+    assert _rel(M, _reference_agop(kernel, C, A)) < 1e-8
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=repr)
+def test_kernel_agop_matches_autograd_at_new_points(kernel):
+    C, A, P = _data()
+    M = kernel_agop(kernel, C, A, points=P)
+    assert _rel(M, _reference_agop(kernel, C, A, P)) < 1e-8
+
+
+def test_self_term_is_dropped_by_index_even_when_computed_distance_is_not_zero():
+    # Points whose self-distance would come out nonzero from ‖x‖² + ‖z‖² − 2xᵀz in float32:
+    # the AGOP must equal the float64 one (computed with exact zero self-distances).
+    C, A, _ = _data(N=60, D=30, K=2, seed=3)
+    C = C * 37.0  # large norms make the cancellation noise large
+    M64 = kernel_agop(LaplaceKernel(40.0), C, A)
+    M32 = kernel_agop(LaplaceKernel(40.0), C.float(), A.float())
+    assert _rel(M32.double(), M64) < 1e-4
+
+
+def test_both_methods_and_chunking_agree():
+    C, A, _ = _data(N=97, D=11, K=4, seed=1)
+    k = LaplaceKernel(2.0)
+    ref = kernel_agop(k, C, A, method="direct", chunk_rows=97)
+    for method in ("direct", "gram"):
+        for rows in (1, 7, 32, 97):
+            M = kernel_agop(k, C, A, method=method, chunk_rows=rows)
+            assert _rel(M, ref) < 1e-12, (method, rows)
+
+
+def test_passing_centers_as_points_counts_as_same_points():
+    C, A, _ = _data()
+    k = LaplaceKernel()
+    assert torch.equal(kernel_agop(k, C, A, points=C), kernel_agop(k, C, A))
+
+
+def test_agop_is_symmetric_psd_and_scales_quadratically_in_coef():
+    C, A, _ = _data()
+    k = LaplaceKernel()
+    M = kernel_agop(k, C, A)
+    assert torch.equal(M, M.T)
+    assert float(torch.linalg.eigvalsh(M).min()) > -1e-12 * float(M.norm())
+    assert _rel(kernel_agop(k, C, 3.0 * A), 9.0 * M) < 1e-12
+
+
+def test_single_output_coef_vector():
+    C, A, _ = _data(K=1)
+    k = GaussianKernel(1.0)
+    assert torch.allclose(kernel_agop(k, C, A[:, 0]), kernel_agop(k, C, A))
+
+
+def test_cost_model_prefers_gram_when_n_below_kd():
+    # CIFAR's first layer (D = 3072, K = 10) at N = 5000: gram; MNIST at N = 50,000: direct.
+    assert choose_method(5000, 5000, 10, 3072, True) == "gram"
+    assert choose_method(50000, 50000, 10, 784, True) == "direct"
+    assert choose_method(100, 100, 10, 3072, False) == "direct"
+    assert agop_cost(10, 10, 2, 5, "gram") > 0
+    with pytest.raises(ValueError, match="method"):
+        agop_cost(1, 1, 1, 1, "other")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(coef=torch.ones(5, 2)), "one row per center"),
+        (dict(points=torch.ones(4, 3)), "D = 7"),
+        (dict(method="fast"), "method"),
+    ],
+)
+def test_kernel_agop_bad_input(kwargs, match):
+    C, A, _ = _data()
+    args = dict(coef=A)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kernel_agop(LaplaceKernel(), C, **args)
+
+
+def test_kernel_agop_rejects_nan_and_gram_with_new_points():
+    C, A, P = _data()
+    C2 = C.clone()
+    C2[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="centers contains NaN"):
+        kernel_agop(LaplaceKernel(), C2, A)
+    with pytest.raises(ValueError, match="points = centers"):
+        kernel_agop(LaplaceKernel(), C, A, points=P, method="gram")
+
+
+# ----------------------------------------------------------------------------- model_agop
+def test_model_agop_linear_model_is_exact():
+    # f(x) = R x has Jacobian R everywhere: AGOP = RᵀR.
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    X = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    M = model_agop(lambda x: x @ R.T, X, batch_size=7)
+    assert _rel(M, R.T @ R) < 1e-14
+
+
+def test_model_agop_matches_per_sample_jacobian_loop_and_kernel_agop():
+    C, A, P = _data()
+    k = LaplaceKernel(2.0)
+    f_single = _kernel_fn(k, C, A)
+    fn = lambda x: torch.stack([f_single(xi) for xi in x])  # noqa: E731
+    # a loop over per-sample jacobians through torch.autograd.functional (independent path)
+    loop = sum(
+        (lambda J: J.T @ J)(torch.autograd.functional.jacobian(f_single, x)) for x in P
+    ) / P.shape[0]
+    M = model_agop(fn, P, batch_size=4)
+    assert _rel(M, loop) < 1e-12
+    assert _rel(M, kernel_agop(k, C, A, points=P)) < 1e-10
+
+
+def test_model_agop_bad_input():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model_agop(lambda x: x, torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(ValueError, match="sample dimension"):
+        model_agop(lambda x: x, torch.ones(3))

@@ -1,0 +1,79 @@
+"""Kernels: values against direct formulas, exact diagonals, gradient weights vs autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agop.kernels import GaussianKernel, LaplaceKernel, get_kernel, pairwise_distances
+
+
+def _pts(n=30, d=9, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def test_distances_match_direct_loop():
+    X, Z = _pts(12, 5, 0), _pts(8, 5, 1)
+    direct = torch.tensor([[float((x - z).norm()) for z in Z] for x in X], dtype=torch.float64)
+    assert torch.allclose(pairwise_distances(X, Z), direct, rtol=1e-12, atol=1e-12)
+
+
+def test_self_distances_are_exactly_zero_in_float32_despite_large_norms():
+    X = _pts(50, 64, scale=300.0).float()
+    D = pairwise_distances(X)
+    assert torch.all(D.diagonal() == 0)
+    assert float(D.min()) >= 0.0  # clamped, never NaN from sqrt of a negative
+    # chunk of the same matrix: self entries found by index
+    Dc = pairwise_distances(X[10:20], X, diagonal_offset=10)
+    assert torch.all(Dc[torch.arange(10), 10 + torch.arange(10)] == 0)
+
+
+@pytest.mark.parametrize("L", [0.5, 2.0])
+def test_laplace_values_and_unit_diagonal(L):
+    X, Z = _pts(10, 4), _pts(6, 4, 1)
+    k = LaplaceKernel(L)
+    expected = torch.exp(-torch.cdist(X, Z) / L)
+    assert torch.allclose(k(X, Z), expected, rtol=1e-12)
+    Kxx = k(X.float())
+    assert torch.all(Kxx.diagonal() == 1.0)
+    assert torch.allclose(Kxx, Kxx.T, atol=1e-6)  # symmetric up to GEMM rounding
+
+
+def test_gaussian_values():
+    X, Z = _pts(10, 4), _pts(6, 4, 1)
+    k = GaussianKernel(1.5)
+    expected = torch.exp(-torch.cdist(X, Z) ** 2 / (2 * 1.5**2))
+    assert torch.allclose(k(X, Z), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [LaplaceKernel(2.0), GaussianKernel(0.8)], ids=repr)
+def test_gradient_weights_match_autograd(kernel):
+    x, z = _pts(1, 6, 3)[0], _pts(1, 6, 4)[0]
+    grad = torch.func.grad(lambda v: kernel.from_distances(torch.sqrt(((v - z) ** 2).sum())))(x)
+    d = (x - z).norm()
+    w = kernel.gradient_weights(kernel.from_distances(d), d)
+    assert torch.allclose(grad, -w * (x - z), rtol=1e-12)
+
+
+def test_laplace_gradient_weight_is_zero_at_exact_zero_distance():
+    k = LaplaceKernel(2.0)
+    d = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    w = k.gradient_weights(k.from_distances(d), d)
+    assert w[0] == 0 and math.isclose(float(w[1]), math.exp(-0.5) / 2.0)
+
+
+def test_kernel_bad_input():
+    with pytest.raises(ValueError, match="bandwidth"):
+        LaplaceKernel(0.0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        GaussianKernel(float("nan"))
+    with pytest.raises(ValueError, match="same number of columns"):
+        LaplaceKernel()(torch.ones(3, 2), torch.ones(3, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        LaplaceKernel()(torch.ones(3))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        get_kernel("cosine")
+    assert get_kernel("laplace", 3.0) == LaplaceKernel(3.0)
