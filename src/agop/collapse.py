@@ -1,0 +1,486 @@
+"""Neural-collapse metrics (Section 3.2 of the paper) and a streaming accumulator.
+
+Features ``H`` are N × D (samples as rows, numpy array or torch tensor, any device), labels
+``y`` are integers in 0..K−1. Everything is computed in float64 from three per-class sufficient
+statistics: counts n_c, means μ_c and within-class sums of squares Σ_{i∈c} ‖x_i − μ_c‖². Only
+``nc1_pinv`` needs more (Σ_W restricted to the span of the centered means); no metric builds a
+D × D matrix in memory.
+
+Conventions (where the literature disagrees):
+
+- Σ_W = (1/N) Σ_c Σ_{i∈c} (x_i − μ_c)(x_i − μ_c)ᵀ and Σ_B = (1/K) Σ_c (μ_c − μ_G)(μ_c − μ_G)ᵀ,
+  as in the paper (Section 3.2).
+- μ_G, "the global feature mean", is the mean of the K class means. For balanced classes this
+  is the mean of all samples (the paper's setting: n samples per class). For imbalanced classes
+  it is the centre that Σ_B's equal 1/K class weights imply (it minimizes Σ_c ‖μ_c − m‖²), the
+  only centre for which collapsed features on a simplex ETF give NC2 = 0, and what the standard
+  neural-collapse code (Papyan et al. 2020 and its descendants) computes.
+- Standard deviations (``equinorm``, ``equiangular``) are population ones (ddof = 0).
+- Undefined is never a number: if all class means coincide (tr Σ_B = 0), or a metric needs the
+  direction of a vector that is zero (a class mean equal to μ_G for ``nc2``, a class mean equal
+  to 0 for ``nc2_orthogonal``, two equal class means for ``cdnv``), a ``ValueError`` says so.
+  "Equal" means within the rounding of an average of N values: distance ≤ 4·N·ε·max_c ‖μ_c‖
+  (ε the float64 machine epsilon; ‖x_i‖ instead of ‖μ_c‖ for ``gram``).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from agop._validate import ArrayLike, as_float64_matrix, as_labels, check_int, to_numpy
+
+__all__ = [
+    "nc1",
+    "nc1_authors",
+    "nc1_pinv",
+    "cdnv",
+    "nc2",
+    "nc2_squared",
+    "nc2_orthogonal",
+    "within_total",
+    "between_total",
+    "equinorm",
+    "equiangular",
+    "measure",
+    "gram",
+    "CollapseAccumulator",
+]
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _tol(n: int, scale: float) -> float:
+    # An average of n float64 values is off by at most about n·ε of their magnitude.
+    return 4.0 * n * _EPS * scale
+
+
+def _grouped(
+    X: np.ndarray, labels: np.ndarray, K: int, shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class counts (K,), means (K × D) and Σ_{i∈c} ‖x_i − μ_c‖² (K,) of X − shift[y].
+
+    Also returns the residuals x_i − shift_c − μ_c (N × D, grouped by class, a new array).
+    Absent classes get count 0, mean 0 and sum 0.
+    """
+    counts = np.bincount(labels, minlength=K)
+    R = X[np.argsort(labels, kind="stable")]  # a copy: class c is one slice, worked in place
+    means = np.zeros((K, X.shape[1]))
+    ss = np.zeros(K)
+    start = 0
+    for c in np.flatnonzero(counts):
+        g = R[start : start + counts[c]]
+        start += counts[c]
+        if shift is not None:
+            g -= shift[c]
+        means[c] = g.mean(axis=0)
+        # Two-pass: squares about the class mean do not cancel when NC1 is tiny.
+        g -= means[c]
+        ss[c] = np.einsum("nd,nd->", g, g)
+    return counts, means, ss, R
+
+
+class _Stats:
+    """Per-class sufficient statistics and the shared quantities every metric derives from.
+
+    ``within_quad(V)`` returns diag(Vᵀ Σ_W V) for a D × r matrix V (None: unavailable).
+    """
+
+    def __init__(
+        self,
+        counts: np.ndarray,
+        means: np.ndarray,
+        ss: np.ndarray,
+        within_quad: Callable[[np.ndarray], np.ndarray] | None,
+    ):
+        self.counts = counts  # (K,)
+        self.means = means  # (K, D)
+        self.ss = ss  # (K,) Σ_{i∈c} ‖x_i − μ_c‖²
+        self.within_quad = within_quad
+        self.K = len(counts)
+        self.n = int(counts.sum())
+        self.mean_norms = np.linalg.norm(means, axis=1)
+        self.tol = _tol(self.n, float(self.mean_norms.max()))
+
+    @cached_property
+    def centered(self) -> np.ndarray:
+        """μ_c − μ_G (K × D); raises if all class means coincide."""
+        M = self.means - self.means.mean(axis=0)
+        if np.linalg.norm(M, axis=1).max() <= self.tol:
+            raise ValueError(
+                f"all {self.K} class means coincide (to rounding), so tr Σ_B = 0: the features "
+                "carry no class information and the collapse metrics are undefined"
+            )
+        return M
+
+    @cached_property
+    def centered_norms(self) -> np.ndarray:
+        return np.linalg.norm(self.centered, axis=1)
+
+    @cached_property
+    def centered_gram(self) -> np.ndarray:
+        """H̄H̄ᵀ (K × K): cosines between the centered class means."""
+        norms = self.centered_norms
+        bad = np.flatnonzero(norms <= self.tol)
+        if bad.size:
+            raise ValueError(
+                f"the mean of class {int(bad[0])} equals the global mean μ_G (to rounding), so "
+                "its direction, needed by nc2, nc2_squared and equiangular, is undefined"
+            )
+        U = self.centered / norms[:, None]
+        return U @ U.T
+
+    @cached_property
+    def etf_gap(self) -> np.ndarray:
+        """H̄H̄ᵀ − Σ_ETF (K × K)."""
+        K = self.K
+        etf = (1.0 + 1.0 / (K - 1)) * np.eye(K) - np.full((K, K), 1.0 / (K - 1))
+        return self.centered_gram - etf
+
+    @cached_property
+    def tr_w(self) -> float:
+        return float(self.ss.sum()) / self.n
+
+    @cached_property
+    def tr_b(self) -> float:
+        return float(np.sum(self.centered**2)) / self.K
+
+
+def _stats(H: ArrayLike, y: ArrayLike, num_classes: int | None) -> _Stats:
+    X = as_float64_matrix(H, "H")
+    labels, K = as_labels(y, X.shape[0], num_classes=num_classes, name="y")
+    counts, means, ss, resid = _grouped(X, labels, K)
+
+    def within_quad(V: np.ndarray) -> np.ndarray:
+        P = resid @ V  # (N, r)
+        return np.einsum("nr,nr->r", P, P) / X.shape[0]
+
+    return _Stats(counts, means, ss, within_quad)
+
+
+# --- metrics of the statistics ------------------------------------------------------------
+
+
+def _nc1(s: _Stats) -> float:
+    return s.tr_w / s.tr_b
+
+
+def _nc1_authors(s: _Stats) -> float:
+    return _nc1(s) / s.K
+
+
+def _nc1_pinv(s: _Stats) -> float:
+    # Σ_B = MᵀM/K with M = U S Vᵀ (thin SVD of the K × D centered means), so
+    # Σ_B⁺ = K V S⁻² Vᵀ and tr(Σ_W Σ_B⁺)/K = Σ_j v_jᵀ Σ_W v_j / s_j².
+    _, S, Vt = np.linalg.svd(s.centered, full_matrices=False)
+    # Directions within the rounding of the means (s.tol) are not between-class directions;
+    # this also drops the one that Σ_c (μ_c − μ_G) = 0 leaves only to rounding.
+    keep = S > max(max(s.centered.shape) * _EPS * S[0], s.tol)
+    return float(np.sum(s.within_quad(Vt[keep].T) / S[keep] ** 2))
+
+
+def _cdnv(s: _Stats) -> float:
+    var = s.ss / s.counts  # (K,) mean squared distance to the class mean
+    M = s.centered  # pair differences are centering-invariant; centered values round less
+    total = 0.0
+    for c in range(s.K - 1):
+        d2 = np.sum((M[c + 1 :] - M[c]) ** 2, axis=1)  # (K − 1 − c,)
+        close = np.flatnonzero(d2 <= s.tol**2)
+        if close.size:
+            raise ValueError(
+                f"classes {c} and {c + 1 + int(close[0])} have the same mean (to rounding), "
+                "so their class-distance normalized variance is undefined"
+            )
+        total += float(np.sum((var[c] + var[c + 1 :]) / (2.0 * d2)))
+    return total / (s.K * (s.K - 1) / 2)
+
+
+def _nc2(s: _Stats) -> float:
+    return float(np.linalg.norm(s.etf_gap)) / s.K**2
+
+
+def _nc2_squared(s: _Stats) -> float:
+    return float(np.mean(s.etf_gap**2))
+
+
+def _nc2_orthogonal(s: _Stats) -> float:
+    bad = np.flatnonzero(s.mean_norms <= s.tol)
+    if bad.size:
+        raise ValueError(
+            f"the mean of class {int(bad[0])} is 0 (to rounding), so its direction, needed by "
+            "nc2_orthogonal, is undefined"
+        )
+    U = s.means / s.mean_norms[:, None]
+    return float(np.linalg.norm(U @ U.T - np.eye(s.K))) / s.K**2
+
+
+def _within_total(s: _Stats) -> float:
+    return s.tr_w / (s.tr_w + s.tr_b)
+
+
+def _between_total(s: _Stats) -> float:
+    return s.tr_b / (s.tr_w + s.tr_b)
+
+
+def _equinorm(s: _Stats) -> float:
+    return float(np.std(s.centered_norms) / np.mean(s.centered_norms))
+
+
+def _equiangular(s: _Stats) -> float:
+    return float(np.std(s.centered_gram[np.triu_indices(s.K, 1)]))
+
+
+_METRICS: dict[str, Callable[[_Stats], float]] = {
+    "nc1": _nc1,
+    "nc1_authors": _nc1_authors,
+    "nc1_pinv": _nc1_pinv,
+    "cdnv": _cdnv,
+    "nc2": _nc2,
+    "nc2_squared": _nc2_squared,
+    "nc2_orthogonal": _nc2_orthogonal,
+    "within_total": _within_total,
+    "between_total": _between_total,
+    "equinorm": _equinorm,
+    "equiangular": _equiangular,
+}
+
+
+def _all(s: _Stats) -> dict[str, float]:
+    return {
+        name: f(s)
+        for name, f in _METRICS.items()
+        if name != "nc1_pinv" or s.within_quad is not None
+    }
+
+
+# --- public functions ---------------------------------------------------------------------
+
+
+def nc1(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """DNC1 metric tr(Σ_W)/tr(Σ_B): the paper's NC1 (Section 3.2; Rangamani et al. 2023).
+
+    H: N × D features, y: N labels in 0..K−1 (K = ``num_classes`` or max(y) + 1). Σ_W divides
+    by N, Σ_B by K, μ_G is the mean of the class means (module docstring). 0 means every sample
+    sits at its class mean. Raises ValueError if all class means coincide (tr Σ_B = 0).
+    """
+    return _nc1(_stats(H, y, num_classes))
+
+
+def nc1_authors(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """NC1 as the authors' scripts print it: Σ_W divided by K·N instead of N, i.e. ``nc1``/K.
+
+    Same inputs and conventions as :func:`nc1` (see the paper notes, "Neural collapse metrics").
+    """
+    return _nc1_authors(_stats(H, y, num_classes))
+
+
+def nc1_pinv(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """tr(Σ_W Σ_B⁺)/K, the NC1 of Papyan, Han & Donoho (2020), Σ_B⁺ the pseudo-inverse.
+
+    Computed through the thin SVD of the K × D centered class means (no D × D pseudo-inverse):
+    Σ_W is only needed along the at most K − 1 directions the means span. Singular values of
+    the centered means below max(K, D)·ε·s_max or the rounding of the means (4·N·ε·max_c ‖μ_c‖,
+    ε the float64 epsilon) count as zero. Conventions as :func:`nc1`.
+    """
+    return _nc1_pinv(_stats(H, y, num_classes))
+
+
+def cdnv(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """Class-distance normalized variance (Galanti, György & Hutter 2022), averaged over pairs.
+
+    Mean over class pairs c ≠ c' of (Var_c + Var_c') / (2 ‖μ_c − μ_c'‖²), Var_c the mean
+    squared distance of class c's samples to μ_c (divides by n_c). Raises ValueError if two
+    class means coincide.
+    """
+    return _cdnv(_stats(H, y, num_classes))
+
+
+def nc2(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """DNC2 metric (1/K²) ‖H̄H̄ᵀ − Σ_ETF‖_F (Section 3.2 and Figure 3b), not squared.
+
+    H̄ (K × D): class means centered by μ_G (the mean of class means), each scaled to unit
+    norm; Σ_ETF = (1 + 1/(K−1)) I − (1/(K−1)) 11ᵀ. 0 means the centered means form a simplex
+    ETF (up to scale and rotation). Raises ValueError if a class mean equals μ_G.
+    """
+    return _nc2(_stats(H, y, num_classes))
+
+
+def nc2_squared(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """Mean of the squared entries of H̄H̄ᵀ − Σ_ETF: the NC2 the authors' scripts print.
+
+    Equals K²·``nc2``² exactly (‖·‖_F²/K² versus ‖·‖_F/K²). Conventions as :func:`nc2`.
+    """
+    return _nc2_squared(_stats(H, y, num_classes))
+
+
+def nc2_orthogonal(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """Orthogonal-frame DNC2 (Section 3.2, "H_lᵀH_l ∝ I_K"): (1/K²) ‖ĤĤᵀ − I‖_F.
+
+    Ĥ (K × D): the class means, NOT centered, each scaled to unit norm. 0 means the class
+    means are orthogonal. Raises ValueError if a class mean is 0.
+    """
+    return _nc2_orthogonal(_stats(H, y, num_classes))
+
+
+def within_total(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """tr Σ_W / tr Σ_T with Σ_T = Σ_W + Σ_B (Figure 8); equals 1 − ``between_total``."""
+    return _within_total(_stats(H, y, num_classes))
+
+
+def between_total(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """tr Σ_B / tr Σ_T with Σ_T = Σ_W + Σ_B (Figure 8); equals 1 − ``within_total``."""
+    return _between_total(_stats(H, y, num_classes))
+
+
+def equinorm(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """Equinorm of the centered class means (Papyan et al. 2020): std_c ‖μ_c − μ_G‖ / mean_c.
+
+    Coefficient of variation with the population std (ddof = 0; Papyan et al.'s code uses
+    ddof = 1, larger by √(K/(K−1))). 0 means all centered means have the same length.
+    """
+    return _equinorm(_stats(H, y, num_classes))
+
+
+def equiangular(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> float:
+    """Equiangularity (Papyan et al. 2020): std of cos∠(μ_c − μ_G, μ_c' − μ_G) over pairs c < c'.
+
+    Population std (ddof = 0) over the K(K−1)/2 pairs. 0 means all pairs meet at one angle.
+    """
+    return _equiangular(_stats(H, y, num_classes))
+
+
+def measure(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> dict[str, float]:
+    """All collapse metrics of (H, y) at once, sharing one pass over the data.
+
+    H: N × D, y: N labels in 0..K−1. Returns a dict keyed by the metric function names:
+    nc1, nc1_authors, nc1_pinv, cdnv, nc2, nc2_squared, nc2_orthogonal, within_total,
+    between_total, equinorm, equiangular (conventions in the module docstring). Raises
+    ValueError when any of them is undefined for this data.
+    """
+    return _all(_stats(H, y, num_classes))
+
+
+def gram(
+    H: ArrayLike, y: ArrayLike, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Gram matrix of Figure 2: X̄X̄ᵀ, X̄ = H − μ_G with each row scaled to unit norm.
+
+    Rows are reordered by class (stable sort, so file order within a class). Returns
+    ``(G, order)``: G (N × N, float64) and ``order`` (N, int64) with G = X̄[order] X̄[order]ᵀ.
+    μ_G is the mean of the class means, as in the metrics. A sample equal to μ_G has no
+    direction: ValueError naming its row. Memory is N² floats.
+    """
+    X = as_float64_matrix(H, "H")
+    labels, K = as_labels(y, X.shape[0], num_classes=num_classes, name="y")
+    Xc = X - _grouped(X, labels, K)[1].mean(axis=0)
+    norms = np.linalg.norm(Xc, axis=1)
+    bad = np.flatnonzero(norms <= _tol(X.shape[0], float(np.linalg.norm(X, axis=1).max())))
+    if bad.size:
+        raise ValueError(
+            f"row {int(bad[0])} of H equals the global mean μ_G (to rounding), so it has no "
+            "direction on the unit sphere; drop it or perturb it"
+        )
+    order = np.argsort(labels, kind="stable")
+    U = Xc[order] / norms[order, None]
+    return U @ U.T, order
+
+
+class CollapseAccumulator:
+    """Streaming version of :func:`measure`: ``update`` with batches, then ``compute``.
+
+    ``compute()`` returns the dict :func:`measure` gives on the concatenation of all batches
+    (equal up to rounding, about 1e-15 relative), whatever the batch sizes, their order, or
+    which classes each batch holds. Batches may be numpy arrays or torch tensors on any device;
+    each is copied to host memory as float64.
+
+    State, per class c: the count n_c, a shift s_c (the first sample of c seen), the mean of
+    x − s_c and the sum of squared deviations from the class mean, O(K·D) in all. Batches are
+    merged with the pairwise update of Chan, Golub & LeVeque (1979); the shift keeps the
+    numbers it works on at the scale of the within-class spread, so a tiny NC1 (spread 1e-7
+    around means of norm 1e3) does not cancel away as it would with raw sums of squares.
+
+    ``nc1_pinv`` needs Σ_W along the span of the final class means, which is unknown until the
+    end, so with ``pinv=True`` (default) the accumulator also keeps the D × D within-class
+    scatter (merged the same way): O(D²) memory and O(B·D²) time per batch of B rows. With
+    ``pinv=False`` that matrix is not kept and ``compute()`` omits ``"nc1_pinv"``.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, pinv: bool = True):
+        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        self.dim = check_int(dim, "dim", minimum=1)
+        self.pinv = bool(pinv)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch seen."""
+        K, D = self.num_classes, self.dim
+        self._counts = np.zeros(K, dtype=np.int64)
+        self._shift = np.zeros((K, D))
+        self._mean = np.zeros((K, D))  # mean of x − s_c
+        self._ss = np.zeros(K)
+        self._scatter = np.zeros((D, D)) if self.pinv else None
+
+    @property
+    def count(self) -> int:
+        """Number of samples seen since construction or the last ``reset``."""
+        return int(self._counts.sum())
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Samples seen per class (K,)."""
+        return self._counts.copy()
+
+    def update(self, H_batch: ArrayLike, y_batch: ArrayLike) -> None:
+        """Add a batch: H_batch (B × D features), y_batch (B labels in 0..K−1); B may be 0."""
+        X = as_float64_matrix(H_batch, "H_batch", min_rows=0)
+        if X.shape[1] != self.dim:
+            raise ValueError(
+                f"H_batch has {X.shape[1]} feature column(s) but the accumulator was built "
+                f"with dim = {self.dim}"
+            )
+        if X.shape[0] == 0:
+            if np.size(to_numpy(y_batch)) != 0:
+                raise ValueError("H_batch has 0 rows but y_batch is not empty")
+            return
+        labels, _ = as_labels(
+            y_batch, X.shape[0], num_classes=self.num_classes, name="y_batch",
+            min_classes=1, require_all=False,
+        )
+        present, first = np.unique(labels, return_index=True)
+        unseen = self._counts[present] == 0
+        self._shift[present[unseen]] = X[first[unseen]]
+        # x − s_c is exact when x is near s_c (Sterbenz), so no digits are lost to the offset.
+        nb, mb, ssb, R = _grouped(X, labels, self.num_classes, shift=self._shift)
+        nb, mb, ssb = nb[present], mb[present], ssb[present]  # (P,), (P, D), (P,)
+
+        na = self._counts[present]
+        n = na + nb
+        delta = mb - self._mean[present]  # (P, D)
+        w = na * nb / n
+        self._mean[present] += delta * (nb / n)[:, None]
+        self._ss[present] += ssb + w * np.einsum("pd,pd->p", delta, delta)
+        if self._scatter is not None:
+            self._scatter += R.T @ R + (delta.T * w) @ delta
+        self._counts[present] = n
+
+    def compute(self) -> dict[str, float]:
+        """The metrics of all data seen, as :func:`measure` returns them.
+
+        Raises ValueError if some class has no sample yet, or a metric is undefined.
+        """
+        empty = np.flatnonzero(self._counts == 0).tolist()
+        if empty:
+            raise ValueError(
+                f"class(es) {empty} have no samples among the {self.count} seen "
+                f"(K = {self.num_classes}); every class needs at least one sample"
+            )
+        quad = None
+        if self._scatter is not None:
+            S, n = self._scatter, self.count
+
+            def quad(V: np.ndarray) -> np.ndarray:
+                return np.einsum("dr,dr->r", S @ V, V) / n
+
+        return _all(_Stats(self._counts.copy(), self._shift + self._mean, self._ss.copy(), quad))

@@ -1,0 +1,447 @@
+"""Collapse metrics: exact special cases, invariances, and agreement with direct loops."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agop import collapse
+from agop.collapse import CollapseAccumulator, gram, measure
+
+KEYS = [
+    "nc1", "nc1_authors", "nc1_pinv", "cdnv", "nc2", "nc2_squared", "nc2_orthogonal",
+    "within_total", "between_total", "equinorm", "equiangular",
+]
+
+
+def simplex_etf(K: int, D: int, rng) -> np.ndarray:
+    """K unit vectors in R^D (D ≥ K) with pairwise cosine −1/(K−1), summing to 0."""
+    P = np.eye(K) - 1.0 / K
+    P /= np.linalg.norm(P, axis=1, keepdims=True)
+    Q, _ = np.linalg.qr(rng.normal(size=(D, K)))
+    return P @ Q.T
+
+
+def rotation(D: int, rng) -> np.ndarray:
+    Q, R = np.linalg.qr(rng.normal(size=(D, D)))
+    return Q * np.sign(np.diag(R))
+
+
+def labels_from_counts(counts, rng) -> np.ndarray:
+    return rng.permutation(np.repeat(np.arange(len(counts)), counts))
+
+
+def random_data(counts, D, rng, spread=1.0):
+    y = labels_from_counts(counts, rng)
+    means = rng.normal(size=(len(counts), D)) * 3
+    return means[y] + spread * rng.normal(size=(len(y), D)), y
+
+
+# Metrics bounded by O(1) whose value can be a rounding-level 0 (nc2 for K = 2, say) are compared
+# with an absolute floor too; the ratio metrics (nc1, cdnv, …) are compared relatively only.
+BOUNDED = {"nc2", "nc2_squared", "nc2_orthogonal", "within_total", "between_total", "equinorm",
+           "equiangular"}
+
+
+def assert_dicts_close(a, b, rtol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=rtol, abs=1e-14 if k in BOUNDED else 0), k
+
+
+# --- exact special cases ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts", [[4, 4, 4, 4, 4], [3, 1, 7, 2, 5]])
+def test_simplex_etf_without_spread_is_fully_collapsed(counts):
+    rng = np.random.default_rng(1)
+    K, D = len(counts), 8
+    y = labels_from_counts(counts, rng)
+    offset = rng.normal(size=D)  # a global offset must be removed by the centering
+    H = 2.5 * simplex_etf(K, D, rng)[y] + offset
+    m = measure(H, y)
+    for key in ["nc1", "nc1_authors", "nc1_pinv", "cdnv", "nc2", "nc2_squared", "within_total",
+                "equinorm", "equiangular"]:
+        assert abs(m[key]) < 1e-12, key
+    assert m["between_total"] == pytest.approx(1.0, abs=1e-12)
+    assert collapse.nc1(H, y) < 1e-12 and collapse.nc2(H, y) < 1e-12
+
+
+def test_global_mean_is_the_mean_of_class_means():
+    # Imbalanced collapsed ETF: centering by the mean of all samples would leave the centered
+    # means off the ETF; the documented convention (mean of class means) gives exactly 0.
+    rng = np.random.default_rng(2)
+    counts, K, D = [1, 9, 2, 6], 4, 5
+    y = labels_from_counts(counts, rng)
+    H = simplex_etf(K, D, rng)[y]
+    assert collapse.nc2(H, y) < 1e-12
+    means = np.stack([H[y == c].mean(0) for c in range(K)])
+    Hbar = means - H.mean(0)
+    Hbar /= np.linalg.norm(Hbar, axis=1, keepdims=True)
+    etf = K / (K - 1) * np.eye(K) - 1 / (K - 1)
+    assert np.linalg.norm(Hbar @ Hbar.T - etf) / K**2 > 1e-2
+
+
+def test_orthogonal_frames_versus_simplex():
+    rng = np.random.default_rng(3)
+    K, D = 4, 7
+    y = labels_from_counts([2, 3, 2, 4], rng)
+    Q, _ = np.linalg.qr(rng.normal(size=(D, K)))
+    scaled = Q.T * np.array([1.0, 2.0, 3.0, 4.0])[:, None]  # orthogonal, unequal norms
+    assert collapse.nc2_orthogonal(scaled[y], y) < 1e-12
+    assert collapse.nc2(scaled[y], y) > 1e-2  # centering breaks orthogonality: not an ETF
+    # Orthogonal means of equal norm, centered, are exactly a simplex ETF.
+    assert collapse.nc2(Q.T[y], y) < 1e-12
+    # A simplex ETF is not orthogonal: ‖Σ_ETF − I‖_F = √(K/(K−1)).
+    etf = simplex_etf(K, D, rng)
+    assert collapse.nc2_orthogonal(etf[y], y) == pytest.approx(np.sqrt(K / (K - 1)) / K**2,
+                                                              rel=1e-12)
+
+
+def test_two_classes_always_form_an_etf():
+    rng = np.random.default_rng(4)
+    H, y = random_data([5, 9], 6, rng)
+    assert collapse.nc2(H, y) < 1e-12
+    assert collapse.equiangular(H, y) < 1e-12
+
+
+def test_collapsed_gram_is_block_structured():
+    rng = np.random.default_rng(5)
+    K, D = 4, 6
+    y = labels_from_counts([3, 2, 4, 1], rng)
+    H = simplex_etf(K, D, rng)[y] + rng.normal(size=D)
+    G, order = gram(H, y)
+    ys = y[order]
+    expected = np.where(ys[:, None] == ys[None, :], 1.0, -1.0 / (K - 1))
+    np.testing.assert_allclose(G, expected, atol=1e-12)
+
+
+# --- agreement with direct computations ---------------------------------------------------
+
+
+def direct_scatters(H, y, K):
+    """Σ_W and Σ_B as explicit D × D matrices, sample by sample."""
+    N, D = H.shape
+    means = [sum(H[i] for i in range(N) if y[i] == c) / np.sum(y == c) for c in range(K)]
+    mu_G = sum(means) / K
+    Sw = np.zeros((D, D))
+    for i in range(N):
+        d = H[i] - means[y[i]]
+        Sw += np.outer(d, d)
+    Sb = sum(np.outer(m - mu_G, m - mu_G) for m in means) / K
+    return Sw / N, Sb, means, mu_G
+
+
+@pytest.mark.parametrize(
+    "counts, D", [([6, 6, 6], 5), ([2, 11, 4, 7, 1], 9), ([3, 5, 4, 2, 6, 3], 3)]  # D < K − 1 too
+)
+def test_trace_metrics_match_explicit_scatter_matrices(counts, D):
+    rng = np.random.default_rng(6)
+    H, y = random_data(counts, D, rng)
+    K = len(counts)
+    Sw, Sb, _, _ = direct_scatters(H, y, K)
+    m = measure(H, y)
+    tw, tb = np.trace(Sw), np.trace(Sb)
+    assert m["nc1"] == pytest.approx(tw / tb, rel=1e-12)
+    assert m["nc1_authors"] == pytest.approx(np.trace(Sw / K) / tb, rel=1e-12)
+    assert m["within_total"] == pytest.approx(tw / np.trace(Sw + Sb), rel=1e-12)
+    assert m["between_total"] == pytest.approx(tb / np.trace(Sw + Sb), rel=1e-12)
+    assert m["within_total"] + m["between_total"] == pytest.approx(1.0, abs=1e-14)
+    pinv = np.linalg.pinv(Sb, rtol=1e-10, hermitian=True)
+    assert m["nc1_pinv"] == pytest.approx(np.trace(Sw @ pinv) / K, rel=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_nc1_pinv_with_collinear_means_uses_only_their_line(offset):
+    # Class means exactly on a line through μ_G: Σ_B = s² v vᵀ / K has rank 1, so
+    # tr(Σ_W Σ_B⁺)/K = vᵀ Σ_W v / s² with s² = Σ_c (t_c − t̄)². A large offset adds round-off
+    # directions to the centered means that must not count as between-class directions.
+    rng = np.random.default_rng(21)
+    K, D = 4, 5
+    y = labels_from_counts([5, 3, 6, 4], rng)
+    v = rng.normal(size=D)
+    v /= np.linalg.norm(v)
+    t = np.array([-2.0, -0.5, 1.0, 3.0])
+    noise = rng.normal(size=(len(y), D))
+    for c in range(K):
+        noise[y == c] -= noise[y == c].mean(0)  # class means stay exactly t_c v
+    H = (t[:, None] * v)[y] + 0.1 * noise
+    Sw = direct_scatters(H, y, K)[0]
+    expected = v @ Sw @ v / np.sum((t - t.mean()) ** 2)
+    got = collapse.nc1_pinv(H + offset * rng.normal(size=D), y)
+    assert got == pytest.approx(expected, rel=1e-7 if offset else 1e-12)
+
+
+def test_cdnv_matches_double_loop():
+    rng = np.random.default_rng(7)
+    counts = [3, 8, 1, 5]
+    H, y = random_data(counts, 4, rng)
+    K = len(counts)
+    mu = [H[y == c].mean(0) for c in range(K)]
+    var = [np.mean([np.sum((h - mu[c]) ** 2) for h in H[y == c]]) for c in range(K)]
+    pairs = [(var[a] + var[b]) / (2 * np.sum((mu[a] - mu[b]) ** 2))
+             for a in range(K) for b in range(K) if a != b]
+    assert collapse.cdnv(H, y) == pytest.approx(np.mean(pairs), rel=1e-12)
+
+
+def test_nc2_family_matches_explicit_gram():
+    rng = np.random.default_rng(8)
+    counts = [4, 2, 6, 3, 5]
+    H, y = random_data(counts, 7, rng)
+    K = len(counts)
+    means = np.stack([H[y == c].mean(0) for c in range(K)])
+    Hbar = means - means.mean(0)
+    norms = np.linalg.norm(Hbar, axis=1)
+    Hbar = Hbar / norms[:, None]
+    etf = (1 + 1 / (K - 1)) * np.eye(K) - np.ones((K, K)) / (K - 1)
+    gap = Hbar @ Hbar.T - etf
+    Hhat = means / np.linalg.norm(means, axis=1, keepdims=True)
+    cosines = [Hbar[a] @ Hbar[b] for a in range(K) for b in range(a + 1, K)]
+    m = measure(H, y)
+    assert m["nc2"] == pytest.approx(np.sqrt(np.sum(gap**2)) / K**2, rel=1e-12)
+    assert m["nc2_squared"] == pytest.approx(np.sum(gap**2) / K**2, rel=1e-12)
+    assert m["nc2_squared"] == pytest.approx(K**2 * m["nc2"] ** 2, rel=1e-12)
+    assert m["nc2_orthogonal"] == pytest.approx(
+        np.sqrt(np.sum((Hhat @ Hhat.T - np.eye(K)) ** 2)) / K**2, rel=1e-12)
+    assert m["equinorm"] == pytest.approx(np.std(norms) / np.mean(norms), rel=1e-12)
+    assert m["equiangular"] == pytest.approx(np.std(cosines), rel=1e-12)
+
+
+def test_each_function_matches_measure():
+    rng = np.random.default_rng(9)
+    H, y = random_data([3, 4, 5], 4, rng)
+    H_before = H.copy()
+    m = measure(H, y)
+    assert list(m) == KEYS
+    for key in KEYS:
+        assert getattr(collapse, key)(H, y) == m[key]
+    gram(H, y)
+    CollapseAccumulator(3, 4).update(H, y)
+    np.testing.assert_array_equal(H, H_before)  # the caller's array is never written to
+
+
+def test_gram_matches_explicit_normalization():
+    rng = np.random.default_rng(10)
+    H, y = random_data([3, 5, 2], 4, rng)
+    G, order = gram(H, y)
+    np.testing.assert_array_equal(order, np.argsort(y, kind="stable"))
+    assert all(np.all(np.diff(order[y[order] == c]) > 0) for c in range(3))  # file order kept
+    mu_G = np.mean([H[y == c].mean(0) for c in range(3)], axis=0)
+    X = np.array([(H[i] - mu_G) / np.linalg.norm(H[i] - mu_G) for i in order])
+    np.testing.assert_allclose(G, X @ X.T, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(np.diag(G), 1.0, atol=1e-14)
+
+
+# --- invariances --------------------------------------------------------------------------
+
+
+def test_rotation_and_scaling_invariance():
+    rng = np.random.default_rng(11)
+    H, y = random_data([4, 7, 3, 5], 6, rng)
+    m = measure(H, y)
+    moved = measure(0.37 * H @ rotation(6, rng), y)
+    assert_dicts_close(moved, m, rtol=1e-10)
+
+
+def test_translation_invariance_except_orthogonal_frame():
+    rng = np.random.default_rng(12)
+    H, y = random_data([4, 7, 3, 5], 6, rng)
+    m = measure(H, y)
+    shifted = measure(H + 5.0 * rng.normal(size=6), y)
+    assert shifted["nc2_orthogonal"] != pytest.approx(m["nc2_orthogonal"], rel=1e-3)
+    del m["nc2_orthogonal"], shifted["nc2_orthogonal"]
+    assert_dicts_close(shifted, m, rtol=1e-10)
+
+
+def test_large_common_offset_changes_nothing_but_rounding():
+    # With an offset of 1e6 the centered means only sum to 0 up to ~1e-10, which leaves a
+    # spurious tiny singular value above the relative cutoff; nc1_pinv must still drop it.
+    rng = np.random.default_rng(20)
+    H, y = random_data([4, 7, 3, 5], 6, rng)
+    m = measure(H, y)
+    Hoff = H + 1e6 * rng.normal(size=6)
+    acc = CollapseAccumulator(4, 6)
+    acc.update(Hoff[:9], y[:9])
+    acc.update(Hoff[9:], y[9:])
+    for got in (measure(Hoff, y), acc.compute()):
+        del got["nc2_orthogonal"]
+        assert_dicts_close(got, {k: v for k, v in m.items() if k != "nc2_orthogonal"}, rtol=1e-8)
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 7), min_size=2, max_size=5),
+    D=st.integers(1, 6),
+    cuts=st.lists(st.floats(0, 1), max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+    as_tensor=st.booleans(),
+)
+def test_streaming_equals_in_memory(counts, D, cuts, seed, as_tensor):
+    rng = np.random.default_rng(seed)
+    H, y = random_data(counts, D, rng)
+    bounds = sorted({int(round(c * len(y))) for c in cuts} | {0, len(y)})
+    acc = CollapseAccumulator(len(counts), D)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        Hb, yb = H[a:b], y[a:b]
+        acc.update(torch.from_numpy(Hb) if as_tensor else Hb,
+                   torch.from_numpy(yb) if as_tensor else yb)
+    assert acc.count == len(y)
+    np.testing.assert_array_equal(acc.class_counts, counts)
+    assert_dicts_close(acc.compute(), measure(H, y), rtol=1e-10)
+
+
+def test_accumulator_single_class_batches_empty_batches_and_reset():
+    rng = np.random.default_rng(13)
+    H, y = random_data([5, 3, 4], 3, rng)
+    acc = CollapseAccumulator(3, 3)
+    acc.update(np.zeros((0, 3)), np.zeros(0, dtype=np.int64))
+    for c in [2, 0, 1]:
+        acc.update(H[y == c], y[y == c])
+    assert_dicts_close(acc.compute(), measure(H, y), rtol=1e-10)
+    acc.reset()
+    assert acc.count == 0
+    acc.update(H[:6], y[:6])
+    acc.update(H[6:], y[6:])
+    assert_dicts_close(acc.compute(), measure(H, y), rtol=1e-10)
+
+
+def test_accumulator_without_pinv_omits_it():
+    rng = np.random.default_rng(14)
+    H, y = random_data([5, 3, 4], 3, rng)
+    acc = CollapseAccumulator(3, 3, pinv=False)
+    acc.update(H, y)
+    expected = measure(H, y)
+    del expected["nc1_pinv"]
+    assert_dicts_close(acc.compute(), expected, rtol=1e-12)
+
+
+def exact_nc1_and_cdnv(H, y, K):
+    """nc1 and cdnv of the float64 data in exact rational arithmetic."""
+    X = [[Fraction(v) for v in row] for row in H.tolist()]
+    N, D = len(X), len(X[0])
+    idx = [[i for i in range(N) if y[i] == c] for c in range(K)]
+    mu = [[sum(X[i][d] for i in I) / len(I) for d in range(D)] for I in idx]
+    ss = [sum((X[i][d] - mu[c][d]) ** 2 for i in I for d in range(D)) for c, I in enumerate(idx)]
+    mu_G = [sum(m[d] for m in mu) / K for d in range(D)]
+    tr_b = sum((m[d] - mu_G[d]) ** 2 for m in mu for d in range(D)) / K
+    var = [ss[c] / len(idx[c]) for c in range(K)]
+    pairs = [(var[a] + var[b]) / (2 * sum((mu[a][d] - mu[b][d]) ** 2 for d in range(D)))
+             for a in range(K) for b in range(a + 1, K)]
+    return float(sum(ss) / N / tr_b), float(sum(pairs) / len(pairs))
+
+
+def test_tiny_nc1_is_accurate_in_memory_and_streaming():
+    # Within-class noise 1e-7 around means of norm ~1e3: NC1 ~ 1e-20. Raw sums of squares
+    # lose every digit here; the two-pass and shifted Chan merges must not.
+    rng = np.random.default_rng(15)
+    K, D, counts = 3, 4, [9, 14, 7]
+    y = labels_from_counts(counts, rng)
+    means = rng.normal(size=(K, D))
+    means *= 1e3 / np.linalg.norm(means, axis=1, keepdims=True)
+    H = means[y] + 1e-7 * rng.normal(size=(len(y), D))
+    nc1_exact, cdnv_exact = exact_nc1_and_cdnv(H, y, K)
+
+    class_means = np.stack([H[y == c].mean(0) for c in range(K)])
+    tr_b = np.sum((class_means - class_means.mean(0)) ** 2) / K
+    raw_tr_w = (np.sum(H**2) - np.sum(np.array(counts)[:, None] * class_means**2)) / len(y)
+    raw_nc1 = raw_tr_w / tr_b
+    assert abs(raw_nc1 / nc1_exact - 1) > 1e-3  # the naive formula really fails here
+
+    m = measure(H, y)
+    assert m["nc1"] == pytest.approx(nc1_exact, rel=1e-10)
+    assert m["cdnv"] == pytest.approx(cdnv_exact, rel=1e-10)
+    for cuts in ([1, 2, 3, 5, 8, 13, 21], [15], list(range(1, 30))):
+        acc = CollapseAccumulator(K, D)
+        for a, b in zip([0, *cuts], [*cuts, len(y)]):
+            acc.update(H[a:b], y[a:b])
+        streamed = acc.compute()
+        assert streamed["nc1"] == pytest.approx(nc1_exact, rel=1e-10)
+        assert streamed["cdnv"] == pytest.approx(cdnv_exact, rel=1e-10)
+        assert_dicts_close(streamed, m, rtol=1e-10)
+
+
+# --- input types --------------------------------------------------------------------------
+
+
+def test_torch_input_equals_numpy_input():
+    rng = np.random.default_rng(16)
+    H, y = random_data([4, 6, 5], 5, rng)
+    assert measure(torch.from_numpy(H), torch.from_numpy(y)) == measure(H, y)
+    G_t, order_t = gram(torch.from_numpy(H), torch.from_numpy(y))
+    G, order = gram(H, y)
+    np.testing.assert_array_equal(G_t, G)
+    np.testing.assert_array_equal(order_t, order)
+
+
+def test_low_precision_input_is_upcast_exactly():
+    rng = np.random.default_rng(17)
+    H, y = random_data([4, 6, 5], 5, rng)
+    H32 = H.astype(np.float32)
+    expected = measure(H32.astype(np.float64), y)
+    assert measure(H32, y) == expected
+    assert measure(torch.from_numpy(H32), y) == expected
+    bf = torch.from_numpy(H32).to(torch.bfloat16)
+    assert measure(bf, y) == measure(bf.float().numpy().astype(np.float64), y)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_equal_cpu():
+    rng = np.random.default_rng(18)
+    H, y = random_data([4, 6, 5], 5, rng)
+    Ht, yt = torch.from_numpy(H).cuda(), torch.from_numpy(y).cuda()
+    assert measure(Ht, yt) == measure(H, y)
+    acc = CollapseAccumulator(3, 5)
+    acc.update(Ht[:7], yt[:7])
+    acc.update(Ht[7:].float(), yt[7:])
+    expected = measure(np.concatenate([H[:7], H[7:].astype(np.float32)]), y)
+    assert_dicts_close(acc.compute(), expected, rtol=1e-10)
+
+
+# --- degenerate but valid data ------------------------------------------------------------
+
+
+def test_coinciding_class_means_raise():
+    rng = np.random.default_rng(19)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    noise = rng.normal(size=(3, 4))
+    H = np.concatenate([noise, -noise])[[0, 3, 1, 4, 2, 5]]  # every class mean is 0
+    for f in [collapse.nc1, collapse.nc1_pinv, collapse.nc2, collapse.within_total, measure]:
+        with pytest.raises(ValueError, match="class means coincide"):
+            f(H, y)
+    with pytest.raises(ValueError, match="class means coincide"):
+        collapse.nc1(np.ones((6, 3)), y)  # constant features
+
+
+def test_one_undefined_direction_raises_only_where_needed():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    # Means −1, 0, +1 on a line: class 1's mean is μ_G, so nc2 is undefined but nc1 is not.
+    H = np.array([[-1.1], [-0.9], [-0.1], [0.1], [0.9], [1.1]])
+    assert collapse.nc1(H, y) == pytest.approx((6 * 0.01 / 6) / (2 / 3))
+    with pytest.raises(ValueError, match="mean of class 1 equals the global mean"):
+        collapse.nc2(H, y)
+    with pytest.raises(ValueError, match="mean of class 1 is 0"):
+        collapse.nc2_orthogonal(H, y)
+    with pytest.raises(ValueError, match="mean of class 1 equals the global mean"):
+        measure(H, y)
+    # Two classes with one mean: cdnv is undefined, nc1 is not.
+    H2 = np.array([[0.0, 1], [0, -1], [1, 0], [-1, 0], [5, 5], [5, 6]])
+    # tr Σ_W = (2 + 2 + 0.5)/6, μ_G = (5, 5.5)/3, tr Σ_B = 331.5/27.
+    assert collapse.nc1(H2, y) == pytest.approx(0.75 / (331.5 / 27), rel=1e-12)
+    with pytest.raises(ValueError, match="classes 0 and 1 have the same mean"):
+        collapse.cdnv(H2, y)
+
+
+def test_gram_rejects_a_sample_at_the_global_mean():
+    # Class means (2, 0) and (1, 0.5), so μ_G = (1.5, 0.25): row 0 sits exactly there.
+    H = np.array([[1.5, 0.25], [2.5, -0.25], [1.0, 1.5], [1.0, -0.5]])
+    y = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="row 0 of H equals the global mean"):
+        gram(H, y)
