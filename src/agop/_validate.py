@@ -74,6 +74,24 @@ def as_float64_matrix(a: ArrayLike, name: str = "H", *, min_rows: int = 1) -> np
     return np.asarray(arr, dtype=np.float64)
 
 
+def as_float64_tensor(a: ArrayLike, name: str = "H", *, min_rows: int = 1) -> torch.Tensor:
+    """Validate ``a`` as an N × D finite real matrix; return it as a float64 torch tensor.
+
+    Tensors stay on their device (no copy to the host); anything else becomes a CPU tensor.
+    """
+    if not isinstance(a, torch.Tensor):
+        arr = np.asarray(a)
+        if arr.dtype == object:
+            raise ValueError(f"{name} must be numeric; got an object array")
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must be real-valued; got dtype {arr.dtype}")
+        a = torch.from_numpy(np.ascontiguousarray(arr))
+    elif a.is_complex():
+        raise ValueError(f"{name} must be real-valued; got dtype {a.dtype}")
+    check_matrix(a, name, min_rows=min_rows)
+    return a.detach().to(torch.float64)
+
+
 def as_labels(
     y: ArrayLike,
     n: int | None = None,

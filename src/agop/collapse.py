@@ -29,8 +29,9 @@ from functools import cached_property
 from typing import Callable
 
 import numpy as np
+import torch
 
-from agop._validate import ArrayLike, as_float64_matrix, as_labels, check_int, to_numpy
+from agop._validate import ArrayLike, as_float64_tensor, as_labels, check_int, to_numpy
 
 __all__ = [
     "nc1",
@@ -58,28 +59,34 @@ def _tol(n: int, scale: float) -> float:
 
 
 def _grouped(
-    X: np.ndarray, labels: np.ndarray, K: int, shift: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X: torch.Tensor, labels: np.ndarray, K: int, shift: torch.Tensor | None = None
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class counts (K,), means (K × D) and Σ_{i∈c} ‖x_i − μ_c‖² (K,) of X − shift[y].
 
-    Also returns the residuals x_i − shift_c − μ_c (N × D, grouped by class, a new array).
+    X is a float64 tensor (any device; the work stays there), labels a host int64 array.
+    Also returns the residuals x_i − shift_c − μ_c (N × D, grouped by class, a new tensor).
     Absent classes get count 0, mean 0 and sum 0.
     """
     counts = np.bincount(labels, minlength=K)
-    R = X[np.argsort(labels, kind="stable")]  # a copy: class c is one slice, worked in place
-    means = np.zeros((K, X.shape[1]))
-    ss = np.zeros(K)
+    order = torch.from_numpy(np.argsort(labels, kind="stable")).to(X.device)
+    R = X[order]  # a copy: class c is one slice, worked in place
+    means = X.new_zeros((K, X.shape[1]))
+    ss = X.new_zeros(K)
     start = 0
     for c in np.flatnonzero(counts):
         g = R[start : start + counts[c]]
         start += counts[c]
         if shift is not None:
             g -= shift[c]
-        means[c] = g.mean(axis=0)
+        means[c] = g.mean(dim=0)
         # Two-pass: squares about the class mean do not cancel when NC1 is tiny.
         g -= means[c]
-        ss[c] = np.einsum("nd,nd->", g, g)
+        ss[c] = torch.sum(g * g)
     return counts, means, ss, R
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy()
 
 
 class _Stats:
@@ -149,15 +156,16 @@ class _Stats:
 
 
 def _stats(H: ArrayLike, y: ArrayLike, num_classes: int | None) -> _Stats:
-    X = as_float64_matrix(H, "H")
+    X = as_float64_tensor(H, "H")
     labels, K = as_labels(y, X.shape[0], num_classes=num_classes, name="y")
     counts, means, ss, resid = _grouped(X, labels, K)
 
     def within_quad(V: np.ndarray) -> np.ndarray:
-        P = resid @ V  # (N, r)
-        return np.einsum("nr,nr->r", P, P) / X.shape[0]
+        P = resid @ torch.from_numpy(V).to(resid.device)  # (N, r)
+        return _host(torch.sum(P * P, dim=0)) / X.shape[0]
 
-    return _Stats(counts, means, ss, within_quad)
+    # only the K × D statistics leave the device; the N × D work stays where H is
+    return _Stats(counts, _host(means), _host(ss), within_quad)
 
 
 # --- metrics of the statistics ------------------------------------------------------------
@@ -372,19 +380,21 @@ def gram(
     μ_G is the mean of the class means, as in the metrics. A sample equal to μ_G has no
     direction: ValueError naming its row. Memory is N² floats.
     """
-    X = as_float64_matrix(H, "H")
+    X = as_float64_tensor(H, "H")
     labels, K = as_labels(y, X.shape[0], num_classes=num_classes, name="y")
-    Xc = X - _grouped(X, labels, K)[1].mean(axis=0)
-    norms = np.linalg.norm(Xc, axis=1)
-    bad = np.flatnonzero(norms <= _tol(X.shape[0], float(np.linalg.norm(X, axis=1).max())))
+    Xc = X - _grouped(X, labels, K)[1].mean(dim=0)
+    norms = torch.linalg.vector_norm(Xc, dim=1)
+    scale = float(torch.linalg.vector_norm(X, dim=1).max())
+    bad = np.flatnonzero(_host(norms) <= _tol(X.shape[0], scale))
     if bad.size:
         raise ValueError(
             f"row {int(bad[0])} of H equals the global mean μ_G (to rounding), so it has no "
             "direction on the unit sphere; drop it or perturb it"
         )
     order = np.argsort(labels, kind="stable")
-    U = Xc[order] / norms[order, None]
-    return U @ U.T, order
+    idx = torch.from_numpy(order).to(X.device)
+    U = Xc[idx] / norms[idx, None]
+    return _host(U @ U.T), order
 
 
 class CollapseAccumulator:
@@ -393,7 +403,7 @@ class CollapseAccumulator:
     ``compute()`` returns the dict :func:`measure` gives on the concatenation of all batches
     (equal up to rounding, about 1e-15 relative), whatever the batch sizes, their order, or
     which classes each batch holds. Batches may be numpy arrays or torch tensors on any device;
-    each is copied to host memory as float64.
+    the state (float64) lives on the device of the first batch, so GPU batches stay on the GPU.
 
     State, per class c: the count n_c, a shift s_c (the first sample of c seen), the mean of
     x − s_c and the sum of squared deviations from the class mean, O(K·D) in all. Batches are
@@ -407,20 +417,26 @@ class CollapseAccumulator:
     ``pinv=False`` that matrix is not kept and ``compute()`` omits ``"nc1_pinv"``.
     """
 
-    def __init__(self, num_classes: int, dim: int, *, pinv: bool = True):
+    def __init__(self, num_classes: int, dim: int, *, pinv: bool = True,
+                 device: str | torch.device | None = None):
         self.num_classes = check_int(num_classes, "num_classes", minimum=2)
         self.dim = check_int(dim, "dim", minimum=1)
         self.pinv = bool(pinv)
+        self._device = torch.device(device) if device is not None else None
         self.reset()
 
     def reset(self) -> None:
         """Forget every batch seen."""
+        self._counts = np.zeros(self.num_classes, dtype=np.int64)
+        self._shift = self._mean = self._ss = self._scatter = None  # allocated by update
+
+    def _allocate(self, device: torch.device) -> None:
         K, D = self.num_classes, self.dim
-        self._counts = np.zeros(K, dtype=np.int64)
-        self._shift = np.zeros((K, D))
-        self._mean = np.zeros((K, D))  # mean of x − s_c
-        self._ss = np.zeros(K)
-        self._scatter = np.zeros((D, D)) if self.pinv else None
+        z = dict(dtype=torch.float64, device=device)
+        self._shift = torch.zeros((K, D), **z)
+        self._mean = torch.zeros((K, D), **z)  # mean of x − s_c
+        self._ss = torch.zeros(K, **z)
+        self._scatter = torch.zeros((D, D), **z) if self.pinv else None
 
     @property
     def count(self) -> int:
@@ -433,8 +449,12 @@ class CollapseAccumulator:
         return self._counts.copy()
 
     def update(self, H_batch: ArrayLike, y_batch: ArrayLike) -> None:
-        """Add a batch: H_batch (B × D features), y_batch (B labels in 0..K−1); B may be 0."""
-        X = as_float64_matrix(H_batch, "H_batch", min_rows=0)
+        """Add a batch: H_batch (B × D features), y_batch (B labels in 0..K−1); B may be 0.
+
+        The state lives on the device of the first batch (or ``device``): GPU batches are
+        never copied to the host.
+        """
+        X = as_float64_tensor(H_batch, "H_batch", min_rows=0)
         if X.shape[1] != self.dim:
             raise ValueError(
                 f"H_batch has {X.shape[1]} feature column(s) but the accumulator was built "
@@ -448,19 +468,23 @@ class CollapseAccumulator:
             y_batch, X.shape[0], num_classes=self.num_classes, name="y_batch",
             min_classes=1, require_all=False,
         )
+        if self._shift is None:
+            self._allocate(self._device or X.device)
+        X = X.to(self._shift.device)
         present, first = np.unique(labels, return_index=True)
         unseen = self._counts[present] == 0
-        self._shift[present[unseen]] = X[first[unseen]]
+        new = torch.from_numpy(present[unseen]).to(X.device)
+        self._shift[new] = X[torch.from_numpy(first[unseen]).to(X.device)]
         # x − s_c is exact when x is near s_c (Sterbenz), so no digits are lost to the offset.
         nb, mb, ssb, R = _grouped(X, labels, self.num_classes, shift=self._shift)
-        nb, mb, ssb = nb[present], mb[present], ssb[present]  # (P,), (P, D), (P,)
-
+        p = torch.from_numpy(present).to(X.device)
         na = self._counts[present]
-        n = na + nb
-        delta = mb - self._mean[present]  # (P, D)
-        w = na * nb / n
-        self._mean[present] += delta * (nb / n)[:, None]
-        self._ss[present] += ssb + w * np.einsum("pd,pd->p", delta, delta)
+        n = na + nb[present]
+        w = torch.from_numpy(na * nb[present] / n).to(X.device)  # (P,)
+        frac = torch.from_numpy(nb[present] / n).to(X.device)
+        delta = mb[p] - self._mean[p]  # (P, D)
+        self._mean[p] += delta * frac[:, None]
+        self._ss[p] += ssb[p] + w * torch.sum(delta * delta, dim=1)
         if self._scatter is not None:
             self._scatter += R.T @ R + (delta.T * w) @ delta
         self._counts[present] = n
@@ -481,6 +505,8 @@ class CollapseAccumulator:
             S, n = self._scatter, self.count
 
             def quad(V: np.ndarray) -> np.ndarray:
-                return np.einsum("dr,dr->r", S @ V, V) / n
+                Vt = torch.from_numpy(V).to(S.device)
+                return _host(torch.sum((S @ Vt) * Vt, dim=0)) / n
 
-        return _all(_Stats(self._counts.copy(), self._shift + self._mean, self._ss.copy(), quad))
+        means = _host(self._shift + self._mean)
+        return _all(_Stats(self._counts.copy(), means, _host(self._ss), quad))
