@@ -172,3 +172,62 @@ def test_model_agop_bad_input():
         model_agop(lambda x: x, torch.tensor([[1.0, float("inf")]]))
     with pytest.raises(ValueError, match="sample dimension"):
         model_agop(lambda x: x, torch.ones(3))
+
+
+def test_groups_give_the_same_agop_in_float64():
+    from agop.kernels import class_groups
+
+    C, A, _ = _data(N=60, seed=4)
+    y = torch.arange(60) % 3
+    ref = kernel_agop(LaplaceKernel(), C, A, method="direct")
+    for method in ("direct", "gram"):
+        M = kernel_agop(LaplaceKernel(), C, A, method=method, groups=class_groups(y))
+        assert _rel(M, ref) < 1e-12, method
+
+
+def test_groups_must_partition_the_centers():
+    C, A, _ = _data(N=10)
+    with pytest.raises(ValueError, match="partition"):
+        kernel_agop(LaplaceKernel(), C, A, groups=[torch.arange(5)])
+
+
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_groups_keep_float32_agop_accurate_after_collapse(method):
+    # Late Deep RFM layers: classes collapsed to a spread of 1e-4 around unit-norm means.
+    # Plain ‖x‖² + ‖z‖² − 2xᵀz distances, and gradients assembled from raw positions, lose
+    # everything in float32 there; per-class coordinates keep float32 rounding.
+    from agop.kernels import class_groups
+    from agop.solve import kernel_ridge
+
+    g = torch.Generator().manual_seed(0)
+    K, per, D = 4, 30, 12
+    means = torch.randn(K, D, generator=g, dtype=torch.float64)
+    y = torch.arange(K).repeat_interleave(per)
+    X = means[y] / means[y].norm(dim=1, keepdim=True)
+    X = X + 1e-4 * torch.randn(K * per, D, generator=g, dtype=torch.float64)
+    X = X / X.norm(dim=1, keepdim=True)
+    Y = -torch.ones(K * per, K, dtype=torch.float64)
+    Y[torch.arange(K * per), y] = 1
+    k = LaplaceKernel(2.0)
+    coef = kernel_ridge(k(X), Y).coef
+    groups = class_groups(y)
+    ref = kernel_agop(k, X, coef, groups=groups, method="direct")
+    assert _rel(kernel_agop(k, X, coef, method="direct"), ref) < 1e-8  # float64 agrees
+    grouped = kernel_agop(k, X.float(), coef.float(), groups=groups, method=method).double()
+    plain = kernel_agop(k, X.float(), coef.float(), method=method).double()
+    assert _rel(grouped, ref) < 1e-3
+    if method == "direct":
+        assert _rel(plain, ref) > 0.1  # what the per-class coordinates prevent
+    else:
+        assert _rel(plain, ref) < 1e-3  # the gram form always runs in float64
+
+
+def test_gram_form_runs_in_float64_for_float32_input():
+    # The quadratic form CᵀQC cancels: in float32 it lost 1e-3 relative a few Deep RFM layers
+    # deep. Computed in float64, float32 inputs give the float64 result up to input rounding.
+    C, A, _ = _data(N=80, D=9, seed=5)
+    C32, A32 = C.float(), A.float()
+    M = kernel_agop(LaplaceKernel(), C32, A32, method="gram")
+    assert M.dtype == torch.float32
+    ref = kernel_agop(LaplaceKernel(), C32.double(), A32.double(), method="direct")
+    assert _rel(M.double(), ref) < 1e-7

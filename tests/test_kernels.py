@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from agop.kernels import GaussianKernel, LaplaceKernel, get_kernel, pairwise_distances
+from agop.kernels import (GaussianKernel, LaplaceKernel, class_groups, get_kernel,
+                          pairwise_distances)
 
 
 def _pts(n=30, d=9, seed=0, scale=1.0):
@@ -77,3 +78,42 @@ def test_kernel_bad_input():
     with pytest.raises(ValueError, match="unknown kernel"):
         get_kernel("cosine")
     assert get_kernel("laplace", 3.0) == LaplaceKernel(3.0)
+
+
+def _collapsed(K=4, per=25, D=16, spread=1e-4, seed=0):
+    """Unit-norm class means with a tiny within-class spread (a late Deep RFM layer)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(K, D, generator=g, dtype=torch.float64)
+    means /= means.norm(dim=1, keepdim=True)
+    y = torch.arange(K).repeat_interleave(per)
+    X = means[y] + spread * torch.randn(K * per, D, generator=g, dtype=torch.float64)
+    return X / X.norm(dim=1, keepdim=True), y
+
+
+def test_grouped_distances_equal_plain_ones_in_float64():
+    X, y = _collapsed(spread=1e-2)
+    Z = _pts(7, 16, 5)
+    groups = class_groups(y)
+    assert torch.allclose(pairwise_distances(X, groups=groups), pairwise_distances(X),
+                          rtol=1e-10, atol=1e-12)
+    assert torch.allclose(pairwise_distances(Z, X, groups=groups), pairwise_distances(Z, X),
+                          rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_distances_keep_float32_accuracy_after_collapse():
+    X, y = _collapsed(spread=1e-4)
+    exact = pairwise_distances(X)
+    same = y[:, None] == y[None, :]
+    same.fill_diagonal_(False)
+    plain = pairwise_distances(X.float()).double()
+    grouped = pairwise_distances(X.float(), groups=class_groups(y)).double()
+    err_plain = float(((plain - exact).abs() / exact)[same].max())
+    err_grouped = float(((grouped - exact).abs() / exact)[same].max())
+    assert err_grouped < 1e-4  # float32 rounding of the within-class spread
+    assert err_plain > 100 * err_grouped  # the cancellation the groups remove
+
+
+def test_class_groups_partition_and_skip_empty_classes():
+    y = torch.tensor([2, 0, 2, 2, 0])
+    groups = class_groups(y, 4)
+    assert [g.tolist() for g in groups] == [[1, 4], [0, 2, 3]]

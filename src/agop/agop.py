@@ -12,10 +12,13 @@ For a kernel machine f(x) = Σⱼ αⱼ k(x, cⱼ) with a radial kernel, ∇ₓk
 
 and M = (1/n) Σ_k G_kᵀ G_k. Two exact ways to evaluate it (chosen by :func:`agop_cost`):
 
-- ``"direct"``: G_k chunk by chunk of rows of P; about 2nNKD + 2nKD² FLOPs.
+- ``"direct"``: G_k chunk by chunk of rows of P; about 2nNKD + 2nKD² FLOPs. With ``groups``
+  (the classes) both the distances and the gradients are assembled in per-class coordinates,
+  so float32 keeps its accuracy however far the classes have collapsed.
 - ``"gram"`` (P = C only, W symmetric): M = (1/n) Cᵀ Q C with
   Q = (W²)∘(AAᵀ) − W∘(ABᵀ + BAᵀ) + diag(Σ_k B_k²), A = α, B = WA; about N³ (W² computed as a
-  symmetric product) + 2N²D + 2ND² FLOPs — far cheaper when N < K·D.
+  symmetric product) + 2N²D + 2ND² FLOPs — far cheaper when N < K·D. A quadratic form whose
+  terms cancel, so it always runs in float64.
 
 Derivation of the gram form: G_k = P_k C with P_k = W diag(a_k) − diag(b_k), so
 Σ_k G_kᵀG_k = Cᵀ (Σ_k P_kᵀP_k) C and, W being symmetric,
@@ -32,38 +35,54 @@ from typing import Callable
 
 import torch
 
-from agop.backend import plan_rows
+from agop.backend import float64_slowdown, plan_rows
 from agop.kernels import RadialKernel, _zero_self, pairwise_distances
 from agop.linalg import gram_lower_blocks
 
 METHODS = ("auto", "direct", "gram")
 
 
-def agop_cost(n: int, N: int, K: int, D: int, method: str) -> float:
-    """Approximate FLOPs of :func:`kernel_agop` (n points, N centers, K outputs, D features).
+def agop_cost(n: int, N: int, K: int, D: int, method: str, *, float64_slowdown: float = 1.0) -> float:
+    """Approximate cost of :func:`kernel_agop` in compute-dtype FLOPs (n points, N centers,
+    K outputs, D features).
 
     direct: distances 2nND, Wα 2nNK, the K gradient blocks 2nNKD, their outer products 2nKD².
     gram:   W² as a symmetric product ≈ N³, distances 2N²D, QC 2N²D, Cᵀ(QC) 2ND², the
-            rank-K products AAᵀ, ABᵀ, BAᵀ and WA ≈ 8N²K.
+            rank-K products AAᵀ, ABᵀ, BAᵀ and WA ≈ 8N²K; all in float64, so multiplied by
+            ``float64_slowdown`` (:func:`agop.backend.float64_slowdown` for float32 inputs).
     """
     if method == "direct":
         return 2.0 * n * N * (D + K + K * D) + 2.0 * n * K * D * D
     if method == "gram":
-        return float(N) ** 3 + 4.0 * N * N * D + 8.0 * N * N * K + 2.0 * N * D * D
+        flops = float(N) ** 3 + 4.0 * N * N * D + 8.0 * N * N * K + 2.0 * N * D * D
+        return flops * float64_slowdown
     raise ValueError(f"method must be one of {METHODS[1:]}; got {method!r}")
 
 
-def choose_method(n: int, N: int, K: int, D: int, same_points: bool) -> str:
+def choose_method(n: int, N: int, K: int, D: int, same_points: bool, *,
+                  float64_slowdown: float = 1.0) -> str:
     """The cheaper exact method by :func:`agop_cost` (``"gram"`` needs points = centers)."""
     if not same_points:
         return "direct"
-    return min(("direct", "gram"), key=lambda m: agop_cost(n, N, K, D, m))
+    return min(("direct", "gram"),
+               key=lambda m: agop_cost(n, N, K, D, m, float64_slowdown=float64_slowdown))
+
+
+def resolve_method(method: str, n: int, N: int, K: int, D: int, same_points: bool,
+                   dtype: torch.dtype, device: torch.device | str) -> str:
+    """The method :func:`kernel_agop` uses: ``method`` itself, or the cheaper one for ``"auto"``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if method != "auto":
+        return method
+    slowdown = float64_slowdown(device) if dtype != torch.float64 else 1.0
+    return choose_method(n, N, K, D, same_points, float64_slowdown=slowdown)
 
 
 def _weights(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor,
-             self_offset: int | None) -> torch.Tensor:
+             self_offset: int | None, groups: list[torch.Tensor] | None) -> torch.Tensor:
     """W_ij = w(p_i, c_j) with the self terms (i, self_offset + i) set to 0 by index."""
-    dist = pairwise_distances(P, C, diagonal_offset=self_offset)
+    dist = pairwise_distances(P, C, diagonal_offset=self_offset, groups=groups)
     W = kernel.gradient_weights(kernel.from_distances(dist), dist)
     if self_offset is not None:
         _zero_self(W, self_offset)
@@ -92,7 +111,8 @@ def _check(centers: torch.Tensor, coef: torch.Tensor, points: torch.Tensor | Non
 
 def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
                 points: torch.Tensor | None = None, *, method: str = "auto",
-                chunk_rows: int | None = None) -> torch.Tensor:
+                chunk_rows: int | None = None,
+                groups: list[torch.Tensor] | None = None) -> torch.Tensor:
     """AGOP of f(x) = Σⱼ coef_j k(x, c_j) over ``points`` (default: the centers, self terms dropped).
 
     Args:
@@ -103,6 +123,9 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
             point excluded by index. Passing the centers tensor itself also counts as P = C.
         method: ``"auto"`` (cheaper by :func:`agop_cost`), ``"direct"`` or ``"gram"``.
         chunk_rows: rows of P per chunk (default: planned from free memory).
+        groups: index tensors partitioning the centers (e.g. by class): distances to each
+            group are computed about its mean, which keeps float32 weights accurate once the
+            groups have collapsed (:func:`agop.kernels.pairwise_distances`).
 
     Returns:
         M, D × D, (1/n) Σᵢ Σ_k ∇f_k(pᵢ) ∇f_k(pᵢ)ᵀ, in the dtype and on the device of ``centers``.
@@ -112,46 +135,106 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
     P = centers if same else points
     coef = coef.to(centers.dtype)
     n, (N, D), K = P.shape[0], centers.shape, coef.shape[1]
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if method == "auto":
-        method = choose_method(n, N, K, D, same)
+    method = resolve_method(method, n, N, K, D, same, centers.dtype, centers.device)
+    if groups is not None:
+        _group_ids(groups, N, centers.device)
     if method == "gram" and not same:
         raise ValueError("method='gram' needs points = centers (W must be symmetric)")
     if method == "gram":
-        M = _agop_gram(kernel, centers, coef, chunk_rows)
+        M = _agop_gram(kernel, centers, coef, chunk_rows, groups)
     else:
-        M = _agop_direct(kernel, P, centers, coef, same, chunk_rows)
+        M = _agop_direct(kernel, P, centers, coef, same, chunk_rows, groups)
     M /= n
     return 0.5 * (M + M.T)
 
 
+def _group_ids(groups: list[torch.Tensor], N: int, device: torch.device) -> torch.Tensor:
+    """The group of each of the N centers; raises unless ``groups`` partition 0..N−1."""
+    gid = torch.full((N,), -1, dtype=torch.long, device=device)
+    for h, idx in enumerate(groups):
+        gid[idx] = h
+    if sum(int(idx.numel()) for idx in groups) != N or bool((gid < 0).any()):
+        raise ValueError(f"groups must partition the {N} centers (each in exactly one group)")
+    return gid
+
+
+class _Frame:
+    """The centers in per-group coordinates, C = X̃ + S·Mu (S the group indicator, Mu the means).
+
+    Once the groups (classes) have collapsed, X̃ = C − μ_{g(i)} is at the scale of the
+    within-group spread, so gradients assembled from X̃ do not cancel; ``groups=None`` is one
+    group (a global shift).
+    """
+
+    def __init__(self, C: torch.Tensor, groups: list[torch.Tensor] | None):
+        N = C.shape[0]
+        self.groups = groups if groups is not None else [torch.arange(N, device=C.device)]
+        self.gid = _group_ids(self.groups, N, C.device)
+        self.means = torch.stack([C[idx].mean(dim=0) for idx in self.groups])  # (G, D)
+        self.shifted = C - self.means[self.gid]  # (N, D)
+
+    def cross(self, W: torch.Tensor, A: torch.Tensor, rows: slice) -> torch.Tensor | None:
+        """F (b × G × K) with G_k = P_k X̃ + F_k Mu for the rows ``rows`` of the centers.
+
+        F[i, h] = Σ_{j∈h} W_ij a_j for h ≠ g(i), and F[i, g(i)] = −Σ_{h≠g(i)} F[i, h]: the
+        same-group sum, huge once the group has collapsed (W_ij ~ 1/‖x_i − x_j‖), is never
+        formed. None for a single group (F = 0).
+        """
+        if len(self.groups) == 1:
+            return None
+        F = torch.stack([W[:, idx] @ A[idx] for idx in self.groups], dim=1)  # (b, G, K)
+        r = torch.arange(F.shape[0], device=F.device)
+        own = self.gid[rows]
+        F[r, own] = 0.0
+        F[r, own] = -F.sum(dim=1)
+        return F
+
+
 def _agop_direct(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor, A: torch.Tensor,
-                 same: bool, chunk_rows: int | None) -> torch.Tensor:
+                 same: bool, chunk_rows: int | None,
+                 groups: list[torch.Tensor] | None) -> torch.Tensor:
     n, D = P.shape
     N, K = A.shape
     item = C.element_size()
+    G = 1 if groups is None else len(groups)
     if chunk_rows is None:
-        # per row: distances/kernel/weights (≈3N) + K gradient rows (K·D); fixed: one scaled C
-        chunk_rows = plan_rows((3 * N + K * D + D) * item, n, C.device,
-                               fixed_bytes=(N * D + D * D) * item)
+        # per row: distances/kernel/weights (≈3N), K gradient rows (K·D), F (G·K);
+        # fixed: the shifted centers and one scaled copy of them, and M
+        chunk_rows = plan_rows((3 * N + K * D + D + G * K) * item, n, C.device,
+                               fixed_bytes=(2 * N * D + D * D) * item)
+    frame = _Frame(C, groups) if same else None
+    X = frame.shifted if same else C  # positions the gradients are assembled from
     M = torch.zeros((D, D), dtype=C.dtype, device=C.device)
     for i0 in range(0, n, chunk_rows):
         i1 = min(n, i0 + chunk_rows)
-        W = _weights(kernel, P[i0:i1], C, i0 if same else None)  # (b, N)
+        W = _weights(kernel, P[i0:i1], C, i0 if same else None, groups)  # (b, N)
         B = W @ A  # (b, K)
-        G = torch.empty((K, i1 - i0, D), dtype=C.dtype, device=C.device)
+        Xi = X[i0:i1] if same else P[i0:i1]
+        F = frame.cross(W, A, slice(i0, i1)) if same else None
+        Gk = torch.empty((K, i1 - i0, D), dtype=C.dtype, device=C.device)
         for k in range(K):
-            torch.mm(W, A[:, k:k + 1] * C, out=G[k])
-            G[k].addcmul_(B[:, k:k + 1], P[i0:i1], value=-1.0)
-        Gf = G.reshape(-1, D)
+            # ∇f_k(p_i) = −Σ_j W_ij a_jk (p_i − c_j), with c_j = x̃_j + μ_{g(j)}
+            torch.mm(W, A[:, k:k + 1] * X, out=Gk[k])
+            Gk[k].addcmul_(B[:, k:k + 1], Xi, value=-1.0)
+            if F is not None:
+                Gk[k].addmm_(F[:, :, k], frame.means)
+        Gf = Gk.reshape(-1, D)
         M.addmm_(Gf.T, Gf)
-        del W, G, Gf
+        del W, Gk, Gf
     return M
 
 
 def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
-               chunk_rows: int | None) -> torch.Tensor:
+               chunk_rows: int | None, groups: list[torch.Tensor] | None) -> torch.Tensor:
+    """M = CᵀQC (module docstring), computed in float64 whatever the input dtype.
+
+    The quadratic form cancels: its terms grow like (‖c‖/‖∇f‖)², and like 1/d² for
+    same-class distances d once classes collapse, while M stays O(1). In float32 that costs
+    1e-3 relative error on a few-layer-deep Deep RFM; in float64 it stays below 1e-12
+    (tests/test_agop.py). The cost model charges for the float64 arithmetic.
+    """
+    out_dtype = C.dtype
+    C, A = C.to(torch.float64), A.to(torch.float64)
     N, D = C.shape
     item = C.element_size()
     if chunk_rows is None:
@@ -159,7 +242,7 @@ def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
     W = torch.empty((N, N), dtype=C.dtype, device=C.device)
     for i0 in range(0, N, chunk_rows):
         i1 = min(N, i0 + chunk_rows)
-        W[i0:i1] = _weights(kernel, C[i0:i1], C, i0)
+        W[i0:i1] = _weights(kernel, C[i0:i1], C, i0, groups)
     # W is symmetric up to rounding (row chunks round differently); W Wᵀ below stands for
     # WᵀW, which differs from it by rounding only.
     B = W @ A  # (N, K)
@@ -171,7 +254,8 @@ def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
         Qi.sub_(W[i0:i1] * (A[i0:i1] @ B.T + B[i0:i1] @ A.T))
     del W
     Q.diagonal().add_((B * B).sum(dim=1))
-    return C.T @ (Q @ C)
+    C = C - C.mean(dim=0)  # M is translation invariant (Q1 = 0); centering shrinks the terms
+    return (C.T @ (Q @ C)).to(out_dtype)
 
 
 def model_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, *,

@@ -58,6 +58,21 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def float64_slowdown(device: torch.device | str) -> float:
+    """How many times slower float64 matrix products are than float32 ones on ``device``.
+
+    2 on a CPU (half the SIMD lanes). Data-centre GPUs of compute capability 8.0, 9.0 and
+    10.0 (A100, H100/H200, B200) run float64 at half to full float32 speed (1.0 here: their
+    fp64 tensor cores roughly match non-TF32 fp32); other GPUs at 1/32 or less. Used only by
+    cost models to choose between exact algorithms, never to change a result.
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type != "cuda":
+        return 2.0
+    major, minor = torch.cuda.get_device_capability(dev)
+    return 1.0 if major >= 8 and minor == 0 else 32.0
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/``"auto"`` → :func:`default_dtype`; ``"float32"``/``"float64"`` → that dtype."""
     if dtype is None or dtype == "auto":

@@ -81,10 +81,12 @@ def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
     attempts += [(work, eps * scale * 10.0**t) for t in range(max_tries)]
 
     for dtype, jitter in attempts:
-        A = Kmat if dtype == Kmat.dtype else Kmat.to(dtype)
         shift = float(ridge) + jitter
-        if shift:
-            A = A + shift * torch.eye(A.shape[0], dtype=dtype, device=A.device)
+        if dtype == Kmat.dtype and not shift:
+            A = Kmat  # factored out of place: Kmat stays intact for the retries
+        else:
+            A = Kmat.to(dtype, copy=True)
+            A.diagonal().add_(shift)
         Lf, info = torch.linalg.cholesky_ex(A)
         del A
         if int(info) == 0:
