@@ -445,3 +445,19 @@ def test_gram_rejects_a_sample_at_the_global_mean():
     y = np.array([0, 0, 1, 1])
     with pytest.raises(ValueError, match="row 0 of H equals the global mean"):
         gram(H, y)
+
+
+def test_non_strict_gives_nan_for_undefined_metrics_only():
+    # Two classes whose centered means are ±v but one class mean is 0 (uncentered):
+    # nc2_orthogonal is undefined, NC1 is not.
+    H = np.array([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [2.0, 0.1]])
+    y = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="nc2_orthogonal"):
+        measure(H, y)
+    values = measure(H, y, strict=False)
+    assert np.isnan(values["nc2_orthogonal"])
+    assert values["nc1"] == pytest.approx(collapse.nc1(H, y))
+    acc = CollapseAccumulator(2, 2)
+    acc.update(H, y)
+    streamed = acc.compute(strict=False)
+    assert np.isnan(streamed["nc2_orthogonal"]) and streamed["nc1"] == pytest.approx(values["nc1"])

@@ -289,6 +289,6 @@ def model_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, *,
         batch_size = plan_rows(8 * K * D * X.element_size(), N, X.device, fraction=0.25)
     M = torch.zeros((D, D), dtype=torch.float64, device=X.device)
     for i0 in range(0, N, batch_size):
-        J = jac(X[i0:i0 + batch_size]).reshape(-1, D).to(torch.float64)  # (B·K, D)
+        J = jac(X[i0:i0 + batch_size]).detach().reshape(-1, D).to(torch.float64)  # (B·K, D)
         M.addmm_(J.T, J)
     return M / N

@@ -255,12 +255,18 @@ _METRICS: dict[str, Callable[[_Stats], float]] = {
 }
 
 
-def _all(s: _Stats) -> dict[str, float]:
-    return {
-        name: f(s)
-        for name, f in _METRICS.items()
-        if name != "nc1_pinv" or s.within_quad is not None
-    }
+def _all(s: _Stats, strict: bool = True) -> dict[str, float]:
+    out = {}
+    for name, f in _METRICS.items():
+        if name == "nc1_pinv" and s.within_quad is None:
+            continue
+        try:
+            out[name] = f(s)
+        except ValueError:
+            if strict:
+                raise
+            out[name] = float("nan")
+    return out
 
 
 # --- public functions ---------------------------------------------------------------------
@@ -359,15 +365,17 @@ def equiangular(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> f
     return _equiangular(_stats(H, y, num_classes))
 
 
-def measure(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> dict[str, float]:
+def measure(H: ArrayLike, y: ArrayLike, num_classes: int | None = None, *,
+            strict: bool = True) -> dict[str, float]:
     """All collapse metrics of (H, y) at once, sharing one pass over the data.
 
     H: N × D, y: N labels in 0..K−1. Returns a dict keyed by the metric function names:
     nc1, nc1_authors, nc1_pinv, cdnv, nc2, nc2_squared, nc2_orthogonal, within_total,
     between_total, equinorm, equiangular (conventions in the module docstring). Raises
-    ValueError when any of them is undefined for this data.
+    ValueError when any of them is undefined for this data; with ``strict=False`` that
+    metric is NaN instead and the others are still computed.
     """
-    return _all(_stats(H, y, num_classes))
+    return _all(_stats(H, y, num_classes), strict)
 
 
 def gram(
@@ -489,10 +497,13 @@ class CollapseAccumulator:
             self._scatter += R.T @ R + (delta.T * w) @ delta
         self._counts[present] = n
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, strict: bool = True) -> dict[str, float]:
         """The metrics of all data seen, as :func:`measure` returns them.
 
-        Raises ValueError if some class has no sample yet, or a metric is undefined.
+        Raises ValueError if some class has no sample yet, or (``strict``, the default) if a
+        metric is undefined; with ``strict=False`` an undefined metric is NaN and the others
+        are still computed (e.g. NC1 of a layer whose class means all coincide is undefined,
+        but nc2_orthogonal may not be).
         """
         empty = np.flatnonzero(self._counts == 0).tolist()
         if empty:
@@ -509,4 +520,4 @@ class CollapseAccumulator:
                 return _host(torch.sum((S @ Vt) * Vt, dim=0)) / n
 
         means = _host(self._shift + self._mean)
-        return _all(_Stats(self._counts.copy(), means, _host(self._ss), quad))
+        return _all(_Stats(self._counts.copy(), means, _host(self._ss), quad), strict)

@@ -846,6 +846,9 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
                     settings["ridge"], settings["features"], settings["seed"],
                     settings["device"], dtype=settings["dtype"])
     model._check_params()
+    started = time.perf_counter()
+    if model.device_.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device_)
 
     if ckpt is None:
         train, test = _load_data(settings["dataset"], settings["n"], settings["test_n"],
@@ -892,5 +895,9 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
 
     rows = model.history_
     _figures(run, rows, data["class_names"], title, pdf)
-    run.write_summary(summarize(rows, load_grams(run.path), len(model.classes_)))
+    summary = summarize(rows, load_grams(run.path), len(model.classes_))
+    summary["wall_seconds"] = time.perf_counter() - started  # this invocation, data loading included
+    if model.device_.type == "cuda":
+        summary["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(model.device_))
+    run.write_summary(summary)
     return run
