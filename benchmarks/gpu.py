@@ -205,13 +205,15 @@ def mlp_cli(data: str, n: int, epochs: int, device: str, workdir: Path) -> dict:
         log(proc.stderr[-3000:])
         return {"error": proc.stderr[-500:], "wall_seconds": wall}
     summary = read_json(out / "summary.json")
-    res = {"wall_seconds": wall, "epochs": epochs, "summary": summary}
-    measurements = epochs // 10 + 1
-    per_epoch = summary.get("train_seconds")
-    per_measure = summary.get("measure_seconds")
-    if per_epoch is not None and per_measure is not None:
-        res["extrapolated_250_epochs_seconds"] = (per_epoch / epochs * 250
-                                                  + per_measure / measurements * 26)
+    sec = summary.get("seconds", {})
+    measurements = len({r["epoch"] for r in read_csv(out / "metrics.csv")})
+    res = {"wall_seconds": wall, "epochs": epochs, "train_seconds": sec.get("train"),
+           "measure_seconds": sec.get("measure"), "measurements": measurements,
+           "train_acc": summary.get("train_acc"), "test_acc": summary.get("test_acc")}
+    if sec.get("train") is not None and epochs:
+        # the paper's schedule: 250 epochs, 26 measurements (epoch 0 and every 10)
+        res["extrapolated_250_epochs_seconds"] = (sec["train"] / epochs * 250
+                                                  + sec["measure"] / measurements * 26)
     return res
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -470,12 +471,15 @@ class Trainer:
         self.measure_batch_size = check_int(measure_batch_size, "measure_batch_size")
         self.epoch = 0
         self.optimizer = self._new_optimizer()
+        #: wall seconds spent training and measuring by this object (not checkpointed)
+        self.seconds = {"train": 0.0, "measure": 0.0}
 
     def _new_optimizer(self) -> torch.optim.Adam:
         return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=0.0)
 
     def train_epoch(self) -> float:
         """One pass over the data; returns the mean of the batch losses weighted by batch size."""
+        started = time.perf_counter()
         if self.reset_optimizer:
             self.optimizer = self._new_optimizer()
         N, B = self.X.shape[0], self.batch_size
@@ -489,12 +493,16 @@ class Trainer:
             self.optimizer.step()
             total += loss.detach().to(torch.float64) * idx.shape[0]
         self.epoch += 1
-        return float(total) / N
+        mean = float(total) / N  # synchronizes the device: the time below is real
+        self.seconds["train"] += time.perf_counter() - started
+        return mean
 
     def measure(self) -> list[dict[str, Any]]:
         """:func:`probe` rows at the current weights, each with ``"epoch"`` first."""
+        started = time.perf_counter()
         rows = _probe(self._mods, self._hidden, self.X, self.y, self.num_classes,
                       self.measure_batch_size, self.X_test, self.y_test)
+        self.seconds["measure"] += time.perf_counter() - started
         return [{"epoch": self.epoch, **r} for r in rows]
 
     def fit(self, epochs: int, measure_every: int = 10,
@@ -738,8 +746,12 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
         rd.write_metrics(rows, list(rows[0]))
         rd.save_checkpoint(tr.state_dict())  # after the records it matches: see resume above
 
+    epoch0 = trainer.epoch
     with backend.strict_fp32():
         trainer.fit(s["epochs"], s["measure_every"], on_measure, progress)
     _figures(rd, rows, s)
-    rd.write_summary(_summary(rows, s))
+    summary = _summary(rows, s)
+    # this invocation only (a resumed run counts what it did itself)
+    summary["seconds"] = {**trainer.seconds, "epochs": trainer.epoch - epoch0}
+    rd.write_summary(summary)
     return rd
