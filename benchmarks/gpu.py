@@ -37,7 +37,7 @@ import torch
 
 from agop import datasets
 from agop.agop import kernel_agop
-from agop.backend import strict_fp32, synchronize
+from agop.backend import fp32_matmul, strict_fp32, synchronize
 from agop.kernels import LaplaceKernel, class_groups
 from agop.rfm import DeepRFM, apply_layer, fit_layer, normalize_rows, random_weights
 from agop.runs import atomic_write_json, read_csv, read_json
@@ -70,8 +70,7 @@ def rates(device: torch.device, n_gemm: int, n_chol: int) -> dict:
             continue
         a = torch.randn(n_gemm, n_gemm, device=device, dtype=dtype)
         b = torch.randn(n_gemm, n_gemm, device=device, dtype=dtype)
-        with strict_fp32():
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+        with fp32_matmul("tf32" if tf32 else "ieee"):
             s = _best(lambda: a @ b, device)
         out[f"gemm_{name}_tflops"] = 2 * n_gemm**3 / s / 1e12
         del a, b
@@ -172,7 +171,7 @@ def tf32_check(X, y, Y, device) -> dict:
     with strict_fp32():
         fit = fit_layer(X, Y, kernel, groups=groups)
         ref = fit.agop.double()
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with fp32_matmul("tf32"):
         t = time.perf_counter()
         M = kernel_agop(kernel, X, fit.coef.to(X.dtype), groups=groups).double()
         synchronize(device)

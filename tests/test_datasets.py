@@ -413,3 +413,13 @@ def test_malformed_batches_raise_value_error(tmp_path, content, message):
     (cifar_folder(tmp_path) / "data_batch_1").write_bytes(content)
     with pytest.raises(ValueError, match=message):
         load("cifar10", root=tmp_path)
+
+
+def test_count_reads_sizes_from_headers(data_root, tmp_path):
+    assert datasets.count("mnist", "train", data_root) == 60000
+    assert datasets.count("mnist", "test", data_root) == 10000
+    assert datasets.count("cifar10", "train", data_root) == 10000
+    assert datasets.count("digits", "test") == 297
+    assert datasets.count("svhn", "train", tmp_path) is None  # absent, not an error
+    with pytest.raises(ValueError, match="split"):
+        datasets.count("mnist", "val", data_root)

@@ -95,20 +95,35 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """Disable TF32 in matmuls and cuDNN inside the block (restores the previous settings)."""
-    old_matmul = torch.backends.cuda.matmul.allow_tf32
-    old_cudnn = torch.backends.cudnn.allow_tf32
-    old_prec = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_matmul
-        torch.backends.cudnn.allow_tf32 = old_cudnn
-        torch.set_float32_matmul_precision(old_prec)
+def fp32_matmul(mode: str = "ieee") -> Iterator[None]:
+    """Float32 matmul/cuDNN precision inside the block: ``"ieee"`` (TF32 off) or ``"tf32"``.
+
+    Uses ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (2.9 and later; mixing
+    it with the legacy ``allow_tf32`` flags is an error there), else the legacy flags. The
+    previous settings are restored on exit.
+    """
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"mode must be 'ieee' or 'tf32'; got {mode!r}")
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        old = (matmul.fp32_precision, cudnn.fp32_precision)
+        matmul.fp32_precision = cudnn.fp32_precision = mode
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, cudnn.fp32_precision = old
+    else:  # pragma: no cover - torch < 2.9
+        old = (matmul.allow_tf32, cudnn.allow_tf32)
+        matmul.allow_tf32 = cudnn.allow_tf32 = mode == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = old
+
+
+def strict_fp32():
+    """TF32 off inside the block (true IEEE float32 matmuls on a GPU): the precision policy."""
+    return fp32_matmul("ieee")
 
 
 def _cpu_available_bytes() -> int:

@@ -35,12 +35,49 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- rfm
 def _add_rfm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rfm", help="Deep RFM (Algorithm 1), measured layer by layer")
+    p = sub.add_parser(
+        "rfm", help="Deep RFM (Algorithm 1), measured layer by layer",
+        description="Run Deep RFM (Algorithm 1) and measure NC1/NC2 at every layer's input, "
+                    "after M^{1/2} (agop) and after the random features (Sections 5.1-5.2, "
+                    "Figures 2, 3, 6). With no flags: digits, 10 layers, well under a minute.")
+    S = argparse.SUPPRESS  # absent flags are not passed: run_rfm's defaults apply
+    p.add_argument("--dataset", default=S, help="digits (default, built in), mnist, "
+                   "fashion-mnist, cifar10, svhn")
+    p.add_argument("--n", type=int, default=S, help="train on the first N points (default: all)")
+    p.add_argument("--test-n", dest="test_n", type=int, default=S,
+                   help="test accuracy on the first N test points (default: up to 1000; 0: none)")
+    p.add_argument("--depth", type=int, default=S, help="number of AGOP layers L (default: 10)")
+    p.add_argument("--bandwidth", type=float, default=S,
+                   help="Laplace kernel bandwidth (default: 2.0)")
+    p.add_argument("--width", type=int, default=S, help="random-feature width (default: 512)")
+    p.add_argument("--ridge", type=float, default=S,
+                   help="ridge μ (default: 0, ridgeless as the paper; the authors' code used 1e-3)")
+    p.add_argument("--features", choices=("gaussian", "uniform"), default=S,
+                   help="W ~ N(0, 2/width) (default, Prop. 5.1) or nn.Linear's uniform init")
+    p.add_argument("--seed", type=int, default=S, help="seed of the random features (default: 0)")
+    p.add_argument("--device", default=S, help="auto (default), cpu or cuda")
+    p.add_argument("--dtype", default=S,
+                   help="compute dtype: auto (default: float32), float32 or float64")
+    p.add_argument("--data-dir", dest="data_dir", default=S,
+                   help="data root (default: $AGOP_DATA, else ~/.cache/agop)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/rfm-<time>)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the interrupted run in DIR")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
     p.set_defaults(func=_cmd_rfm)
 
 
 def _cmd_rfm(args: argparse.Namespace) -> int:
-    return _die("'agop rfm' is not implemented yet")
+    from agop.rfm import RFM_DEFAULTS, run_rfm, summary_text
+
+    settings = {k: v for k, v in vars(args).items() if k in RFM_DEFAULTS}
+    run = run_rfm(out=args.out, resume=args.resume, progress=args.progress, pdf=args.pdf,
+                  **settings)
+    print(summary_text(run.read_summary()))
+    print(f"run folder: {run.path}  (metrics.csv, figures/, summary.json)")
+    return 0
 
 
 # ----------------------------------------------------------------------------- mlp
@@ -96,8 +133,8 @@ def _cmd_mlp(args: argparse.Namespace) -> int:
           f"train acc {g(s['train_acc'], '.4f')}{test}")
     for lay in s["layers"]:
         print(f"  layer {lay['layer']}: NC1 input {g(lay['nc1_input'])} -> right "
-              f"{g(lay['nc1_right'])} -> output {g(lay['nc1_output'])}; NFA "
-              f"rho(WtW, AGOP^1/2) {g(lay['nfa_sqrt'], '.3f')}, rho(WtW, AGOP) {g(lay['nfa'], '.3f')}")
+              f"{g(lay['nc1_right'])} -> output {g(lay['nc1_output'])}; NFA rho(WtW, AGOP^1/2) "
+              f"{g(lay['nfa_sqrt'], '.3f')}, rho(WtW, AGOP) {g(lay['nfa'], '.3f')}")
     return 0
 
 
@@ -107,7 +144,8 @@ def _add_theory(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run folder to create (default: runs/theory-<time>)")
     p.add_argument("--data-dir", default=None,
                    help="data root holding mnist/ for the Theorem 5.5 data check (default: "
-                        "$AGOP_DATA, else ~/.cache/agop); without MNIST the bundled digits are used")
+                        "$AGOP_DATA, else ~/.cache/agop); without MNIST the bundled digits "
+                        "are used")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--pdf", action="store_true", help="also save every figure as PDF")
     p.set_defaults(func=_cmd_theory)
@@ -122,21 +160,64 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- reproduce / report
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="every figure of the paper into one HTML report")
+    p = sub.add_parser(
+        "reproduce", help="every figure of the paper into one HTML report",
+        description="Run Deep RFM and the MLP study on every dataset found (plus digits) and the "
+                    "theory checks, then write DIR/report.html (self-contained: open it from "
+                    "disk) and DIR/summary.json. Run folders are kept in DIR/runs/: run the same "
+                    "command again after an interruption to continue where it stopped.")
+    p.add_argument("--scale", choices=("tiny", "quick", "paper"), default="quick",
+                   help="quick (default): 3-7 minutes on 2 CPU cores; paper: the paper's "
+                        "sizes (50,000 points, 20 layers, 250 epochs), for a GPU; tiny: seconds, "
+                        "a smoke test (see docs/report.md)")
+    p.add_argument("--datasets", default=None, metavar="LIST",
+                   help="comma-separated datasets, e.g. digits,mnist (default: digits and each of "
+                        "mnist, cifar10, svhn found under the data root)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--out", default="reproduce", metavar="DIR",
+                   help="output folder (default: ./reproduce)")
+    p.add_argument("--data-dir", dest="data_dir", default=None, metavar="DIR",
+                   help="data root (default: $AGOP_DATA, else ~/.cache/agop)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress display")
+    p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
     p.set_defaults(func=_cmd_reproduce)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    return _die("'agop reproduce' is not implemented yet")
+    from agop.report import reproduce
+
+    names = None if args.datasets is None else [d for d in args.datasets.split(",") if d.strip()]
+    try:
+        report = reproduce(args.out, scale=args.scale, datasets=names, device=args.device,
+                           data_dir=args.data_dir, progress=args.progress, pdf=args.pdf)
+    except KeyboardInterrupt:
+        print(f"\nagop: interrupted; finished runs are kept in {args.out}/runs (run the same "
+              f"command again to continue)", file=sys.stderr)
+        return 130
+    print(f"report: {report}\nnumbers: {report.with_name('summary.json')}")
+    return 0
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="build the HTML report from existing run folders")
+    p = sub.add_parser(
+        "report", help="build the HTML report from existing run folders",
+        description="Build one self-contained HTML report (and FILE with suffix .json holding "
+                    "its numbers) from run folders of agop rfm, agop mlp and agop theory, in any "
+                    "mix.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--out", default="report.html", metavar="FILE",
+                   help="HTML file to write (default: report.html)")
+    p.add_argument("--pdf", action="store_true", help="also write the cross-run figures as PDF")
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    return _die("'agop report' is not implemented yet")
+    from agop.report import build_report
+
+    report = build_report(args.run_dirs, args.out, pdf=args.pdf)
+    print(f"report: {report}\nnumbers: {report.with_suffix('.json')}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- main

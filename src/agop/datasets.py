@@ -548,6 +548,19 @@ def _fmt_count(count) -> str:
     return "-" if count is None else f"{count:,}"
 
 
+def count(name: str, split: str = "train", root: str | os.PathLike | None = None) -> int | None:
+    """Number of points in a split, from the files' headers (no pixels are read); None if absent.
+
+    Same ``name``/``root`` rules as :func:`load`; a corrupt file raises ``ValueError``.
+    """
+    info = DATASETS[_canonical_name(name)]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    if info.folder is None:
+        return DIGITS_TRAIN if split == "train" else 1797 - DIGITS_TRAIN
+    return _READERS[info.name][1](info, resolve_root(root) / info.folder, split)
+
+
 def describe(root: str | os.PathLike | None = None) -> str:
     """A table of every dataset: the folder searched, found or missing, train/test sizes, shape.
 

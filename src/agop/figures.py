@@ -42,6 +42,69 @@ def save(fig: "plt.Figure", path: str | os.PathLike, pdf: bool = False) -> list[
 
 # ============================================================================ Deep RFM figures
 # (Figures 2, 3, 6) -- owned by the Deep RFM work
+_RFM_STAGE_LABELS = {"input": "input X_l", "agop": "agop X_l M_l^{1/2}",
+                     "features": "features σ(X_l M_l^{1/2} W_lᵀ)"}
+
+
+def _rfm_series(rows: Iterable[dict], stage: str, key: str) -> tuple[list[int], list[float]]:
+    """(layers, values) of one metric at one Deep RFM stage, by layer; None becomes NaN."""
+    pts = sorted((r["layer"], r[key]) for r in rows if r["stage"] == stage)
+    return [l for l, _ in pts], [float("nan") if v is None else float(v) for _, v in pts]
+
+
+def rfm_collapse(rows: list[dict], path: str | os.PathLike, *, title: str | None = None,
+                 pdf: bool = False) -> list[Path]:
+    """Figures 3 and 6: NC1 (log scale) and NC2 of Deep RFM per layer at its three stages.
+
+    ``rows``: ``agop rfm`` metrics rows (layer, stage, nc1, nc2); the last layer (the final
+    solve) has the input stage only.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "nc1", "NC1 = tr Σ_W / tr Σ_B"),
+                           (axes[1], "nc2", "NC2 = ‖H̄H̄ᵀ − Σ_ETF‖_F / K²")):
+        for stage, name in _RFM_STAGE_LABELS.items():
+            ax.plot(*_rfm_series(rows, stage, key), color=STAGE_COLORS[stage], marker=".",
+                    label=name)
+        ax.set_xlabel("layer l")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Neural collapse in Deep RFM" + (f" ({title})" if title else ""))
+    return save(fig, path, pdf)
+
+
+def rfm_gram(grams: list[tuple], path: str | os.PathLike, *,
+             classes: list[str] | None = None, title: str | None = None,
+             pdf: bool = False) -> list[Path]:
+    """Figure 2: Gram matrices of the centered, normalized layer inputs, samples by class.
+
+    ``grams``: (layer, G, labels) with G (n × n) ordered by class and ``labels`` in G's order;
+    thin lines mark the class blocks. Collapse shows as blocks of 1 on the diagonal and
+    −1/(K−1) elsewhere.
+    """
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(grams), figsize=(2.7 * len(grams) + 0.8, 3.0), squeeze=False)
+    image = None
+    for ax, (layer, G, labels) in zip(axes[0], grams):
+        labels = np.asarray(labels)
+        image = ax.imshow(G, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]  # first sample of each block
+        for e in first[1:] - 0.5:
+            ax.axhline(e, color="k", lw=0.3)
+            ax.axvline(e, color="k", lw=0.3)
+        centers = (first + np.r_[first[1:], len(labels)] - 1) / 2
+        names = [str(classes[c]) if classes else str(c) for c in labels[first]]
+        ax.set_xticks(centers, names, fontsize=5, rotation=90)
+        ax.set_yticks(centers, names if ax is axes[0][0] else [], fontsize=5)
+        ax.set_title(f"layer {layer}", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle("Gram matrix of centered, normalized X_l" + (f" ({title})" if title else ""),
+                 y=1.02)
+    return save(fig, path, pdf)
+
 
 
 # ============================================================================ MLP figures
@@ -79,7 +142,8 @@ def mlp_nc1_stages(rows: list[dict], path: str | os.PathLike, *, title: str | No
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("NC1 = tr Σ_W / tr Σ_B")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("NC1 through each layer's SVD components" + (f" ({title})" if title else ""))
+    fig.suptitle("NC1 through each layer's SVD components" + (f" ({title})" if title else ""),
+                 y=1.04)
     return save(fig, path, pdf)
 
 
@@ -107,16 +171,18 @@ def mlp_training(rows: list[dict], path: str | os.PathLike, *, title: str | None
     a0.set_ylabel("share of tr Σ_T")
     a0.legend([Line2D([], [], color="gray"), Line2D([], [], color="gray", ls="--")],
               ["tr Σ_W / tr Σ_T", "tr Σ_B / tr Σ_T"], fontsize=7)
-    a1.set_title("NFA: ρ(WᵀW, AGOP^½) solid, ρ(WᵀW, AGOP) dashed")
-    a1.set_ylabel("Pearson correlation")
-    a1.legend(fontsize=7)
+    a1.set_title("Neural Feature Ansatz")
+    a1.set_ylabel("Pearson correlation with WᵀW")
+    handles, labels = a1.get_legend_handles_labels()
+    a1.legend(handles + [Line2D([], [], color="gray"), Line2D([], [], color="gray", ls="--")],
+              labels + ["ρ(WᵀW, AGOP^½)", "ρ(WᵀW, AGOP)"], fontsize=7)
     a2.set_yscale("log")
     a2.set_title("train loss (MSE)")
     for ax in (a0, a1, a2):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)
     return save(fig, path, pdf)
 
 
@@ -202,4 +268,88 @@ def theory_krr_bound(records, epsilon_rows, path, *, pdf: bool = False) -> list[
                  marker="o")
     right.set(xlabel="ε", ylabel="1 − objective / bound",
               title="(k* + εI)/(1 + ε) approaches the bound")
+    return save(fig, path, pdf)
+
+
+# ============================================================================ report figures
+# (cross-run figures of `agop reproduce` / `agop report`) -- owned by the report work
+def report_rfm_nc1(curves: list[dict], path: str | os.PathLike, *,
+                   pdf: bool = False) -> list[Path]:
+    """Figures 3 and 6 side by side: NC1 per layer of every Deep RFM run, log scale.
+
+    ``curves``: dicts with ``label``, ``layers`` (the layers with an input row), ``input`` and
+    ``agop`` (NC1 at those layers; NaN where a layer has no agop stage, e.g. the final solve).
+    Solid: the layer input X_l; dashed: the agop stage X_l M_l^{1/2}; one color per run.
+    """
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = plt.cm.tab10.colors
+    for i, c in enumerate(curves):
+        color = colors[i % len(colors)]
+        ax.plot(c["layers"], c["input"], color=color, marker="o", ms=3, label=c["label"])
+        ax.plot(c["layers"], c["agop"], color=color, ls="--", marker="x", ms=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("NC1 = tr Σ_W / tr Σ_B")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, which="both")
+    style = [Line2D([], [], color="gray", marker="o", ms=3),
+             Line2D([], [], color="gray", ls="--", marker="x", ms=3)]
+    first = ax.legend(fontsize=8, title="dataset", title_fontsize=8, loc="lower left")
+    ax.add_artist(first)
+    ax.legend(style, ["input X_l", "agop X_l M_l^{1/2}"], fontsize=8, loc="upper right")
+    ax.set_title("Deep RFM: NC1 per layer, every dataset")
+    return save(fig, path, pdf)
+
+
+def report_mlp_final(curves: list[dict], path: str | os.PathLike, *,
+                     pdf: bool = False) -> list[Path]:
+    """Figures 1, 7 and 8 at the last epoch of every MLP run.
+
+    ``curves``: dicts with ``label``, ``epoch`` and ``layers``, a list of dicts with ``layer``,
+    ``nc1_input``, ``nc1_right``, ``nc1_output``, ``nfa_sqrt``, ``nfa``. Left: NC1 along the
+    network, input → S Vᵀ → output for layer 1, then S Vᵀ → output for each next layer (a
+    layer's output is the next one's input), log scale. Right: ρ(WᵀW, AGOP^½) (solid) and
+    ρ(WᵀW, AGOP) (dashed) per layer.
+    """
+    from matplotlib.lines import Line2D
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2),
+                                      gridspec_kw={"width_ratios": [1.7, 1]})
+    colors = plt.cm.tab10.colors
+    ticks: list[str] = []
+    for i, c in enumerate(curves):
+        color = colors[i % len(colors)]
+        layers = c["layers"]
+        values = [layers[0]["nc1_input"]] if layers else []
+        names = ["in 1"] if layers else []
+        for lay in layers:
+            values += [lay["nc1_right"], lay["nc1_output"]]
+            names += [f"SVᵀ {lay['layer']}", f"out {lay['layer']}"]
+        if len(names) > len(ticks):
+            ticks = names
+        x = list(range(len(values)))
+        left.plot(x, values, color=color, lw=1, label=f"{c['label']} (epoch {c['epoch']})")
+        left.plot(x[1::2], values[1::2], ls="", marker="v", ms=6, color=color)  # S Vᵀ points
+        left.plot(x[0::2], values[0::2], ls="", marker="o", ms=4, color=color)
+        ids = [lay["layer"] for lay in layers]
+        right.plot(ids, [lay["nfa_sqrt"] for lay in layers], color=color, marker="o", ms=4,
+                   label=c["label"])
+        right.plot(ids, [lay["nfa"] for lay in layers], color=color, ls="--", marker="x", ms=4)
+    left.set_xticks(range(len(ticks)), ticks, rotation=45, fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("NC1 = tr Σ_W / tr Σ_B")
+    left.set_title("NC1 along the network (▼: after S Vᵀ, ●: layer input/output)")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8)
+    right.set_xlabel("layer l")
+    right.set_ylabel("Pearson correlation with W_lᵀW_l")
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    right.set_title("Neural Feature Ansatz at the last epoch")
+    right.grid(alpha=0.3)
+    handles, labels = right.get_legend_handles_labels()
+    right.legend(handles + [Line2D([], [], color="gray", marker="o", ms=4),
+                            Line2D([], [], color="gray", ls="--", marker="x", ms=4)],
+                 labels + ["ρ(WᵀW, AGOP^½)", "ρ(WᵀW, AGOP)"], fontsize=8)
     return save(fig, path, pdf)

@@ -1,0 +1,59 @@
+"""Devices, dtypes and memory planning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agop import backend
+
+
+def test_resolve_device():
+    assert backend.resolve_device("cpu") == torch.device("cpu")
+    auto = backend.resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        backend.resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            backend.resolve_device("cuda")
+
+
+def test_dtypes():
+    assert backend.parse_dtype("auto", torch.device("cpu")) == torch.float32
+    assert backend.parse_dtype("float64", torch.device("cpu")) == torch.float64
+    assert backend.dtype_name(torch.float64) == "float64"
+    with pytest.raises(ValueError, match="dtype"):
+        backend.parse_dtype("float16", torch.device("cpu"))
+    assert backend.float64_slowdown("cpu") == 2.0
+
+
+def _precision():
+    m = torch.backends.cuda.matmul
+    return m.fp32_precision if hasattr(m, "fp32_precision") else m.allow_tf32
+
+
+def test_fp32_matmul_sets_and_restores_the_precision():
+    before = _precision()
+    with backend.fp32_matmul("tf32"):
+        inside_tf32 = _precision()
+        with backend.strict_fp32():
+            assert _precision() in ("ieee", False)
+        assert _precision() == inside_tf32
+    assert inside_tf32 in ("tf32", True)
+    assert _precision() == before
+    with pytest.raises(ValueError, match="ieee"):
+        with backend.fp32_matmul("fast"):
+            pass
+
+
+def test_plan_rows_fits_the_budget_and_says_what_it_needs(monkeypatch):
+    monkeypatch.setenv("AGOP_MEMORY_GB", "1")  # a 1 GiB cap on the budget
+    budget = backend.memory_budget("cpu")
+    assert budget <= 1024**3
+    rows = backend.plan_rows(1024, 10**9, "cpu")
+    assert rows * 1024 <= budget and rows >= budget // 1024 - 1
+    assert backend.plan_rows(1024, 10, "cpu") == 10  # never more rows than there are
+    with pytest.raises(MemoryError, match="need at least"):
+        backend.plan_rows(2 * 1024**3, 10, "cpu")
+    assert backend.format_bytes(1536) == "1.5 KiB"
