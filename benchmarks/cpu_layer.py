@@ -53,7 +53,7 @@ def prepare(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def layer_flops(N: int, D: int, K: int, width: int) -> float:
-    method = resolve_method("auto", N, N, K, D, True, torch.float32, "cpu")
+    method = resolve_method("auto", N, N, K, D, True)
     return (2 * N * N * D            # kernel matrix
             + N**3 / 3 + 2 * N * N * K  # Cholesky + solves
             + agop_cost(N, N, K, D, method)
@@ -116,7 +116,7 @@ def main() -> None:
         flops = layer_flops(N, D, K, 512)
         err = rel(M.double(), M_ref)
         err_x = rel(M_x.double() / M_x.double().max(), M_ref / M_ref.max())
-        method = resolve_method("auto", N, N, K, D, True, torch.float32, "cpu")
+        method = resolve_method("auto", N, N, K, D, True)
         print(f"{name:<8} {N:>6} {D:>5} {method:>6} "
               f"{fit.seconds['agop']:>7.2f} {best:>8.2f} {best_peer:>7.2f} {best_peer / best:>5.1f}x "
               f"{flops / best / 1e9:>8.0f} {100 * flops / best / 1e9 / rate:>5.0f}% {err:>13.1e} {err_x:>8.1e}")

@@ -191,43 +191,88 @@ def test_groups_must_partition_the_centers():
         kernel_agop(LaplaceKernel(), C, A, groups=[torch.arange(5)])
 
 
-@pytest.mark.parametrize("method", ["direct", "gram"])
-def test_groups_keep_float32_agop_accurate_after_collapse(method):
-    # Late Deep RFM layers: classes collapsed to a spread of 1e-4 around unit-norm means.
-    # Plain ‖x‖² + ‖z‖² − 2xᵀz distances, and gradients assembled from raw positions, lose
-    # everything in float32 there; per-class coordinates keep float32 rounding.
+def _collapsed_problem(spread, K=4, per=30, D=12, seed=0):
+    """Late Deep RFM layers: classes collapsed to ``spread`` around unit-norm means; the
+    float64 ridgeless coefficients and class groups."""
     from agop.kernels import class_groups
     from agop.solve import kernel_ridge
 
-    g = torch.Generator().manual_seed(0)
-    K, per, D = 4, 30, 12
+    g = torch.Generator().manual_seed(seed)
     means = torch.randn(K, D, generator=g, dtype=torch.float64)
     y = torch.arange(K).repeat_interleave(per)
     X = means[y] / means[y].norm(dim=1, keepdim=True)
-    X = X + 1e-4 * torch.randn(K * per, D, generator=g, dtype=torch.float64)
+    X = X + spread * torch.randn(K * per, D, generator=g, dtype=torch.float64)
     X = X / X.norm(dim=1, keepdim=True)
     Y = -torch.ones(K * per, K, dtype=torch.float64)
     Y[torch.arange(K * per), y] = 1
+    coef = kernel_ridge(LaplaceKernel(2.0)(X), Y).coef
+    return X, coef, class_groups(y)
+
+
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_groups_keep_float32_agop_accurate_after_collapse(method):
+    # Plain ‖x‖² + ‖z‖² − 2xᵀz distances, and gradients assembled from raw positions, lose
+    # everything in float32 at a spread of 1e-4; per-class coordinates keep float32 rounding.
+    X, coef, groups = _collapsed_problem(1e-4)
     k = LaplaceKernel(2.0)
-    coef = kernel_ridge(k(X), Y).coef
-    groups = class_groups(y)
     ref = kernel_agop(k, X, coef, groups=groups, method="direct")
     assert _rel(kernel_agop(k, X, coef, method="direct"), ref) < 1e-8  # float64 agrees
     grouped = kernel_agop(k, X.float(), coef.float(), groups=groups, method=method).double()
-    plain = kernel_agop(k, X.float(), coef.float(), method=method).double()
     assert _rel(grouped, ref) < 1e-3
     if method == "direct":
+        plain = kernel_agop(k, X.float(), coef.float(), method=method).double()
         assert _rel(plain, ref) > 0.1  # what the per-class coordinates prevent
-    else:
-        assert _rel(plain, ref) < 1e-3  # the gram form always runs in float64
 
 
-def test_gram_form_runs_in_float64_for_float32_input():
-    # The quadratic form CᵀQC cancels: in float32 it lost 1e-3 relative a few Deep RFM layers
-    # deep. Computed in float64, float32 inputs give the float64 result up to input rounding.
+def test_gram_form_keeps_float32_only_when_its_error_estimate_allows():
+    from agop.agop import GRAM_TOLERANCE, _gram_form, _weight_matrix
+
+    k = LaplaceKernel(2.0)
+    # spread data: the float32 gram form is accurate and kept
     C, A, _ = _data(N=80, D=9, seed=5)
-    C32, A32 = C.float(), A.float()
-    M = kernel_agop(LaplaceKernel(), C32, A32, method="gram")
-    assert M.dtype == torch.float32
-    ref = kernel_agop(LaplaceKernel(), C32.double(), A32.double(), method="direct")
-    assert _rel(M.double(), ref) < 1e-7
+    info = {}
+    M = kernel_agop(k, C.float(), A.float(), method="gram", info=info)
+    ref = kernel_agop(k, C.float().double(), A.float().double(), method="direct")
+    assert info["precision"] == "float32" and info["error_estimate"] <= GRAM_TOLERANCE
+    assert _rel(M.double(), ref) < 1e-5
+    # collapsed data: float32 would be wrong (checked), so it is recomputed
+    X, coef, groups = _collapsed_problem(1e-3)
+    X32, A32 = X.float(), coef.float()
+    ref = kernel_agop(k, X32.double(), A32.double(), groups=groups, method="direct")
+    W = _weight_matrix(k, X32, groups, None)
+    float32_only = _gram_form(W, X32, A32, None)[0].double() / X.shape[0]
+    info = {}
+    M = kernel_agop(k, X32, A32, groups=groups, method="gram", info=info).double()
+    assert info["error_estimate"] > GRAM_TOLERANCE
+    assert (info["method"], info["precision"]) != ("gram", "float32")
+    assert _rel(float32_only, ref) > 1e-3  # the estimate was right to refuse it
+    assert _rel(M, ref) < 1e-5
+
+
+def test_gram_error_estimate_tracks_the_actual_error():
+    from agop.agop import _gram_form, _weight_matrix
+
+    k = LaplaceKernel(2.0)
+    for spread in (1e-1, 1e-2, 1e-3):
+        X, coef, groups = _collapsed_problem(spread, K=5, per=60, D=20, seed=1)
+        X32, A32 = X.float(), coef.float()
+        M32, est = _gram_form(_weight_matrix(k, X32, groups, None), X32, A32, None,
+                              estimate=True)
+        exact = _gram_form(_weight_matrix(k, X32.double(), groups, None), X32.double(),
+                           A32.double(), None)[0]
+        actual = float((M32.double() - exact).norm())
+        if spread >= 1e-2:  # where the float32 result is usable, the estimate is close
+            assert actual / 4 < est < 4 * actual, (spread, actual, est)
+        else:  # hopeless float32: underestimated, but still far above any tolerance
+            assert est / float(exact.norm()) > 1e-3 and actual > 0.1 * float(exact.norm())
+
+
+def test_precomputed_distances_give_the_same_agop():
+    from agop.kernels import pairwise_distances
+
+    C, A, _ = _data(N=50, seed=7)
+    k = LaplaceKernel(2.0)
+    ref = kernel_agop(k, C, A, method="gram")
+    assert _rel(kernel_agop(k, C, A, method="gram", distances=pairwise_distances(C)), ref) < 1e-13
+    with pytest.raises(ValueError, match="N × N"):
+        kernel_agop(k, C, A, distances=torch.zeros(3, 3))

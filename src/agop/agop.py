@@ -18,7 +18,8 @@ and M = (1/n) Σ_k G_kᵀ G_k. Two exact ways to evaluate it (chosen by :func:`a
 - ``"gram"`` (P = C only, W symmetric): M = (1/n) Cᵀ Q C with
   Q = (W²)∘(AAᵀ) − W∘(ABᵀ + BAᵀ) + diag(Σ_k B_k²), A = α, B = WA; about N³ (W² computed as a
   symmetric product) + 2N²D + 2ND² FLOPs — far cheaper when N < K·D. A quadratic form whose
-  terms cancel, so it always runs in float64.
+  terms cancel: its float32 result is kept only when a rounding-error bound says it is
+  accurate (:func:`_agop_gram`), else it is recomputed in float64 (or by the direct form).
 
 Derivation of the gram form: G_k = P_k C with P_k = W diag(a_k) − diag(b_k), so
 Σ_k G_kᵀG_k = Cᵀ (Σ_k P_kᵀP_k) C and, W being symmetric,
@@ -68,15 +69,15 @@ def choose_method(n: int, N: int, K: int, D: int, same_points: bool, *,
                key=lambda m: agop_cost(n, N, K, D, m, float64_slowdown=float64_slowdown))
 
 
-def resolve_method(method: str, n: int, N: int, K: int, D: int, same_points: bool,
-                   dtype: torch.dtype, device: torch.device | str) -> str:
+def resolve_method(method: str, n: int, N: int, K: int, D: int, same_points: bool) -> str:
     """The method :func:`kernel_agop` uses: ``method`` itself, or the cheaper one for ``"auto"``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if method != "auto":
         return method
-    slowdown = float64_slowdown(device) if dtype != torch.float64 else 1.0
-    return choose_method(n, N, K, D, same_points, float64_slowdown=slowdown)
+    # the gram form is costed at the input's precision: in float32 it usually keeps it
+    # (:func:`_agop_gram`); a float64 redo is the exception, for collapsed data
+    return choose_method(n, N, K, D, same_points)
 
 
 def _weights(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor,
@@ -112,7 +113,9 @@ def _check(centers: torch.Tensor, coef: torch.Tensor, points: torch.Tensor | Non
 def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
                 points: torch.Tensor | None = None, *, method: str = "auto",
                 chunk_rows: int | None = None,
-                groups: list[torch.Tensor] | None = None) -> torch.Tensor:
+                groups: list[torch.Tensor] | None = None,
+                info: dict | None = None,
+                distances: torch.Tensor | None = None) -> torch.Tensor:
     """AGOP of f(x) = Σⱼ coef_j k(x, c_j) over ``points`` (default: the centers, self terms dropped).
 
     Args:
@@ -126,6 +129,10 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
         groups: index tensors partitioning the centers (e.g. by class): distances to each
             group are computed about its mean, which keeps float32 weights accurate once the
             groups have collapsed (:func:`agop.kernels.pairwise_distances`).
+        info: a dict to fill with what was done: ``method``, ``precision`` (the dtype the
+            products ran in) and, for the gram form, ``error_estimate`` (:func:`_agop_gram`).
+        distances: the N × N distances between the centers (self-distances 0), e.g. kept from
+            building the kernel matrix; the gram form then does not recompute them.
 
     Returns:
         M, D × D, (1/n) Σᵢ Σ_k ∇f_k(pᵢ) ∇f_k(pᵢ)ᵀ, in the dtype and on the device of ``centers``.
@@ -135,13 +142,17 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
     P = centers if same else points
     coef = coef.to(centers.dtype)
     n, (N, D), K = P.shape[0], centers.shape, coef.shape[1]
-    method = resolve_method(method, n, N, K, D, same, centers.dtype, centers.device)
+    method = resolve_method(method, n, N, K, D, same)
     if groups is not None:
         _group_ids(groups, N, centers.device)
     if method == "gram" and not same:
         raise ValueError("method='gram' needs points = centers (W must be symmetric)")
+    info = {} if info is None else info
+    info.update(method=method, precision=str(centers.dtype).replace("torch.", ""))
+    if distances is not None and tuple(distances.shape) != (N, N):
+        raise ValueError(f"distances must be N × N = {N} × {N}; got {tuple(distances.shape)}")
     if method == "gram":
-        M = _agop_gram(kernel, centers, coef, chunk_rows, groups)
+        M = _agop_gram(kernel, centers, coef, chunk_rows, groups, info, distances)
     else:
         M = _agop_direct(kernel, P, centers, coef, same, chunk_rows, groups)
     M /= n
@@ -224,38 +235,110 @@ def _agop_direct(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor, A: torc
     return M
 
 
-def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
-               chunk_rows: int | None, groups: list[torch.Tensor] | None) -> torch.Tensor:
-    """M = CᵀQC (module docstring), computed in float64 whatever the input dtype.
+#: The gram form's float32 result is kept when its estimated rounding error is at most this
+#: fraction of ‖M‖_F. The estimate (:func:`_gram_form`) is 0.5–0.7× the actual error on MNIST
+#: and CIFAR-10 Deep RFM layers 1–12 (and far larger than this threshold wherever it is off by
+#: more), so this keeps the AGOP's own rounding near 1e-5 relative.
+GRAM_TOLERANCE = 5e-6
 
-    The quadratic form cancels: its terms grow like (‖c‖/‖∇f‖)², and like 1/d² for
-    same-class distances d once classes collapse, while M stays O(1). In float32 that costs
-    1e-3 relative error on a few-layer-deep Deep RFM; in float64 it stays below 1e-12
-    (tests/test_agop.py). The cost model charges for the float64 arithmetic.
+
+def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
+               chunk_rows: int | None, groups: list[torch.Tensor] | None,
+               info: dict, distances: torch.Tensor | None = None) -> torch.Tensor:
+    """M = CᵀQC (module docstring), in float32 when that is accurate, else in float64.
+
+    The quadratic form cancels: its terms grow like (‖c‖/‖∇f‖)², and like 1/d² for same-class
+    distances d once classes collapse, while M stays O(1). :func:`_gram_form` estimates its
+    rounding error; above ``GRAM_TOLERANCE``·‖M‖_F the AGOP is recomputed — in float64, or by
+    the direct form where that is cheaper on this device. ``info["error_estimate"]`` records
+    the float32 estimate relative to ‖M‖_F.
     """
-    out_dtype = C.dtype
-    C, A = C.to(torch.float64), A.to(torch.float64)
+    W = _weight_matrix(kernel, C, groups, chunk_rows, distances)
+    if C.dtype == torch.float64:
+        return _gram_form(W, C, A, chunk_rows)[0]
+    M, err = _gram_form(W, C, A, chunk_rows, estimate=True)
+    del W
+    info["error_estimate"] = err / max(float(M.norm()), torch.finfo(M.dtype).tiny)
+    if info["error_estimate"] <= GRAM_TOLERANCE:
+        return M
+    del M
     N, D = C.shape
+    K = A.shape[1]
+    if agop_cost(N, N, K, D, "direct") < agop_cost(N, N, K, D, "gram",
+                                                     float64_slowdown=float64_slowdown(C.device)):
+        info.update(method="direct")
+        return _agop_direct(kernel, C, C, A, True, None, groups)
+    info.update(precision="float64")
+    C64, A64 = C.to(torch.float64), A.to(torch.float64)
+    M = _gram_form(_weight_matrix(kernel, C64, groups, chunk_rows), C64, A64, chunk_rows)[0]
+    return M.to(C.dtype)
+
+
+def _weight_matrix(kernel: RadialKernel, C: torch.Tensor, groups: list[torch.Tensor] | None,
+                   chunk_rows: int | None, distances: torch.Tensor | None = None) -> torch.Tensor:
+    """W (N × N) of the centers, built in row chunks, self terms 0 (from ``distances`` if given)."""
+    N = C.shape[0]
     item = C.element_size()
     if chunk_rows is None:
         chunk_rows = plan_rows(3 * N * item, N, C.device, fixed_bytes=3 * N * N * item)
     W = torch.empty((N, N), dtype=C.dtype, device=C.device)
     for i0 in range(0, N, chunk_rows):
         i1 = min(N, i0 + chunk_rows)
-        W[i0:i1] = _weights(kernel, C[i0:i1], C, i0, groups)
+        if distances is None:
+            W[i0:i1] = _weights(kernel, C[i0:i1], C, i0, groups)
+        else:
+            d = distances[i0:i1].to(C.dtype)
+            W[i0:i1] = kernel.gradient_weights(kernel.from_distances(d), d)
+            _zero_self(W[i0:i1], i0)
+    return W
+
+
+def _gram_form(W: torch.Tensor, C: torch.Tensor, A: torch.Tensor, chunk_rows: int | None, *,
+               estimate: bool = False) -> tuple[torch.Tensor, float | None]:
+    """(Cᵀ Q C, its estimated rounding error) in W's dtype; C is centered first.
+
+    The estimate is ε·‖T ∘ ccᵀ‖_F with T = W²∘|A||A|ᵀ + W∘(|A|B̂ᵀ + B̂|A|ᵀ) + diag(Σ_k B̂_k²),
+    B̂ = |B| + √((W∘W)(A∘A)) (B = WA cancels too; its rounding adds like a random walk), the
+    entrywise magnitude of Q's terms, and c the norms of the centered rows: each entry of Q is
+    rounded relative to T, and those errors add like a random walk in CᵀQC. None unless
+    ``estimate``.
+    """
+    N = C.shape[0]
+    C, A = C.to(W.dtype), A.to(W.dtype)
+    rows = chunk_rows or plan_rows(4 * N * W.element_size(), N, W.device,
+                                   fixed_bytes=2 * N * N * W.element_size())
+    C = C - C.mean(dim=0)  # Q1 = 0, so centering changes nothing but shrinks the terms
+    c = C.norm(dim=1)
     # W is symmetric up to rounding (row chunks round differently); W Wᵀ below stands for
     # WᵀW, which differs from it by rounding only.
     B = W @ A  # (N, K)
+    Aa = A.abs()
+    Ba = None
+    if estimate:  # |B| plus the random-walk size of B = WA's own rounding, √((W∘W)(A∘A))
+        Ba = B.abs()
+        A2 = A * A
+        for i0 in range(0, N, rows):
+            Wi = W[i0:i0 + rows]
+            Ba[i0:i0 + rows] += ((Wi * Wi) @ A2).sqrt_()
     Q = gram_lower_blocks(W, blocks=max(2, min(16, N // 512)))  # W² = W Wᵀ
-    for i0 in range(0, N, chunk_rows):
-        i1 = min(N, i0 + chunk_rows)
-        Qi = Q[i0:i1]
+    AB, BA = torch.cat([A, B], dim=1), torch.cat([B, A], dim=1)  # [A B][B A]ᵀ = ABᵀ + BAᵀ
+    if estimate:
+        AaBa, BaAa = torch.cat([Aa, Ba], dim=1), torch.cat([Ba, Aa], dim=1)
+    sumsq = 0.0
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        Qi, Wi = Q[i0:i1], W[i0:i1]
+        if estimate:
+            T = torch.mm(AaBa[i0:i1], BaAa.T).mul_(Wi).addcmul_(Qi, Aa[i0:i1] @ Aa.T)
+            T.diagonal(offset=i0).add_((Ba[i0:i1] * Ba[i0:i1]).sum(dim=1))
+            T.mul_(c[i0:i1, None]).mul_(c[None, :])
+            sumsq += float(torch.linalg.vector_norm(T)) ** 2
+            del T
         Qi.mul_(A[i0:i1] @ A.T)
-        Qi.sub_(W[i0:i1] * (A[i0:i1] @ B.T + B[i0:i1] @ A.T))
-    del W
+        Qi.sub_(torch.mm(AB[i0:i1], BA.T).mul_(Wi))
     Q.diagonal().add_((B * B).sum(dim=1))
-    C = C - C.mean(dim=0)  # M is translation invariant (Q1 = 0); centering shrinks the terms
-    return (C.T @ (Q @ C)).to(out_dtype)
+    M = C.T @ (Q @ C)
+    return M, (torch.finfo(W.dtype).eps * sumsq**0.5 if estimate else None)
 
 
 def model_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, *,

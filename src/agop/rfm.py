@@ -82,26 +82,39 @@ class LayerFit:
     kernel_dtype: str  # dtype the kernel matrix was built in (float64 after a fallback)
     fitted: torch.Tensor  # f_l(X) at the training points, N × K
     seconds: dict[str, float] = field(default_factory=dict)
+    agop_info: dict[str, Any] = field(default_factory=dict)  # kernel_agop's method and precision
+    distances: torch.Tensor | None = None  # N × N, kept for the AGOP's gram form
+
+
+def distance_matrix(X: torch.Tensor, groups: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """‖x_i − x_j‖ for all rows of X, N × N, built in row chunks (peak N² plus one chunk).
+
+    Self-distances are exactly 0 (by index). ``groups``: distances about each class's mean
+    (:func:`agop.kernels.pairwise_distances`).
+    """
+    N = X.shape[0]
+    item = X.element_size()
+    # a chunk's temporaries (~3 rows·N) stay under 3/4 of the matrix, so the build peaks
+    # below 1.75 N² however much memory is free
+    rows = min(plan_rows(3 * N * item, N, X.device, fixed_bytes=N * N * item), max(1, N // 4))
+    dist = torch.empty((N, N), dtype=X.dtype, device=X.device)
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        dist[i0:i1] = pairwise_distances(X[i0:i1], X, diagonal_offset=i0, groups=groups)
+    return dist
 
 
 def kernel_matrix(kernel: RadialKernel, X: torch.Tensor,
                   groups: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """k(X, X), N × N, built in row chunks so that the peak is N² plus one chunk.
+    """k(X, X), N × N, from :func:`distance_matrix` in place (the diagonal is exactly k(0) = 1)."""
+    return _kernel_in_place(kernel, distance_matrix(X, groups))
 
-    Self-distances are exactly 0 (by index), so the diagonal is exactly k(0) = 1. ``groups``:
-    distances about each class's mean (:func:`agop.kernels.pairwise_distances`).
-    """
-    N = X.shape[0]
-    item = X.element_size()
-    # a chunk's temporaries (distances, kernel values: ~3 rows·N) stay under 3/4 of the
-    # matrix, so the build peaks below 1.75 N² however much memory is free
-    rows = min(plan_rows(3 * N * item, N, X.device, fixed_bytes=N * N * item), max(1, N // 4))
-    K = torch.empty((N, N), dtype=X.dtype, device=X.device)
-    for i0 in range(0, N, rows):
-        i1 = min(N, i0 + rows)
-        K[i0:i1] = kernel.from_distances(
-            pairwise_distances(X[i0:i1], X, diagonal_offset=i0, groups=groups))
-    return K
+
+def _kernel_in_place(kernel: RadialKernel, dist: torch.Tensor) -> torch.Tensor:
+    rows = max(1, dist.shape[0] // 8)  # bounded temporaries
+    for i0 in range(0, dist.shape[0], rows):
+        dist[i0:i0 + rows] = kernel.from_distances(dist[i0:i0 + rows])
+    return dist
 
 
 def kernel_predict(kernel: RadialKernel, P: torch.Tensor, centers: torch.Tensor,
@@ -122,7 +135,8 @@ def kernel_predict(kernel: RadialKernel, P: torch.Tensor, centers: torch.Tensor,
 
 
 def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: float = 0.0,
-                groups: list[torch.Tensor] | None = None) -> LayerFit:
+                groups: list[torch.Tensor] | None = None,
+                keep_distances: bool = False) -> LayerFit:
     """Step 2 of Algorithm 1 on normalized inputs ``X`` (N × D), targets ``Y`` (N × K).
 
     The kernel matrix is built and factored in X's dtype (float32 by default), retried in
@@ -130,11 +144,13 @@ def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: f
     not positive definite (its entries are off by more than λ_min), it is rebuilt from the
     features in float64 and solved there with kernel_ridge's jitter ladder. What was used is
     returned (``kernel_dtype``, ``solve_dtype``, ``jitter``). Returns a :class:`LayerFit`
-    without AGOP; the kernel matrix and its factor are freed.
+    without AGOP; the kernel matrix and its factor are freed. ``keep_distances``: keep the
+    N × N distance matrix in ``LayerFit.distances`` (for the AGOP's gram form; N² more memory).
     """
     seconds = {}
     t = time.perf_counter()
-    Kmat = kernel_matrix(kernel, X, groups)
+    dist = distance_matrix(X, groups) if keep_distances else None
+    Kmat = kernel.from_distances(dist) if keep_distances else kernel_matrix(kernel, X, groups)
     synchronize(X.device)
     seconds["kernel"] = time.perf_counter() - t
 
@@ -157,7 +173,7 @@ def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: f
     seconds["solve"] = time.perf_counter() - t
     return LayerFit(coef=sol.coef, agop=None, sqrt_agop=None, jitter=sol.jitter,
                     solve_dtype=sol.dtype, kernel_dtype=dtype_name(kernel_dtype),
-                    fitted=fitted, seconds=seconds)
+                    fitted=fitted, seconds=seconds, distances=dist)
 
 
 def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: float = 0.0,
@@ -168,9 +184,15 @@ def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: flo
     in float64. Seconds per step are recorded (with a device synchronization so GPU times are
     real).
     """
-    fit = solve_layer(X, Y, kernel, ridge, groups)
+    N, D = X.shape
+    method = resolve_method(agop_method, N, N, Y.shape[1], D, True)
+    # the gram form needs the distances the kernel matrix is made of: keep them if they fit
+    keep = method == "gram" and 3 * N * N * X.element_size() <= memory_budget(X.device)
+    fit = solve_layer(X, Y, kernel, ridge, groups, keep_distances=keep)
     t = time.perf_counter()
-    fit.agop = kernel_agop(kernel, X, fit.coef.to(X.dtype), method=agop_method, groups=groups)
+    fit.agop = kernel_agop(kernel, X, fit.coef.to(X.dtype), method=method, groups=groups,
+                           info=fit.agop_info, distances=fit.distances)
+    fit.distances = None
     synchronize(X.device)
     fit.seconds["agop"] = time.perf_counter() - t
 
@@ -196,8 +218,9 @@ def layer_memory(n: int, d: int, k: int, width: int, *, n_test: int = 0,
 
     The peak is the resident features plus the largest of the layer's phases:
 
-    - kernel + solve: k(X, X) and its Cholesky factor, 2n² (3n² with a ridge, added to a
-      copy); building k(X, X) in row chunks of at most n/4 stays below 1.75n²;
+    - kernel + solve: k(X, X) and its Cholesky factor, 2n² (+ n² with a ridge, added to a
+      copy, + n² for the distances kept for the gram form); building k(X, X) in row chunks of
+      at most n/4 stays below 1.75n²;
     - AGOP: the ``"gram"`` form holds W and W² in float64 (:func:`agop.kernel_agop` plans with
       3n²) plus row chunks; the ``"direct"`` form is chunked to the free memory and needs
       2n·d + d² plus a chunk of rows (counted as min(n, 64));
@@ -211,8 +234,9 @@ def layer_memory(n: int, d: int, k: int, width: int, *, n_test: int = 0,
     rows = n + n_test
     resident = item * (2 * rows * d + n * k)  # features in and normalized
     chunk = min(n, 64)
-    solve = item * n * n * (3 if ridge > 0 else 2)
-    method = resolve_method(agop_method, n, n, k, d, True, dtype, device)
+    method = resolve_method(agop_method, n, n, k, d, True)
+    # kernel matrix and factor (+ the ridge's copy, + the distances kept for the gram form)
+    solve = item * n * n * (2 + (ridge > 0) + (method == "gram"))
     if method == "gram":
         agop = 8 * (3 * n * n + 3 * chunk * n + n * d + d * d)
     else:
@@ -458,8 +482,8 @@ class DeepRFM:
             "solve_dtype": fit.solve_dtype,
             "kernel_dtype": fit.kernel_dtype,
             "dtype": dtype_name(self.dtype_),
-            "agop_method": None if final else resolve_method(
-                self.agop_method, N, N, len(self.classes_), D, True, Xn.dtype, Xn.device),
+            "agop_method": fit.agop_info.get("method"),
+            "agop_precision": fit.agop_info.get("precision"),
             "n": N,
             "dim": D,
             # Algorithm 1's own work; test predictions and metrics are measurement
