@@ -37,3 +37,10 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert main(["rfm", "--dataset", "mnist", "--data-dir", str(tmp_path),
                  "--out", str(tmp_path / "r2")]) == 2
     assert "train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_every_public_name_of_the_package_resolves():
+    import agop
+
+    for name in agop.__all__:
+        assert getattr(agop, name) is not None, name

@@ -30,8 +30,16 @@ _EXPORTS = {
     "model_agop": "agop.agop",
     "psd_power": "agop.linalg",
     "DeepRFM": "agop.rfm",
+    "run_rfm": "agop.rfm",
     "MLP": "agop.nets",
+    "Trainer": "agop.nets",
+    "train": "agop.nets",
+    "probe": "agop.nets",
     "layer_agops": "agop.nets",
+    "run_mlp": "agop.nets",
+    "run_theory": "agop.theory",
+    "reproduce": "agop.report",
+    "build_report": "agop.report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
