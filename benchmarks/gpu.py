@@ -87,19 +87,26 @@ def rates(device: torch.device, n_gemm: int, n_chol: int) -> dict:
     return out
 
 
-def rfm_cli(data: str, n: int, depth: int, device: str, workdir: Path) -> dict:
-    """``agop rfm`` as a user runs it, in a subprocess; numbers from its run folder."""
-    out = workdir / f"rfm-mnist-{n}"
-    cmd = [sys.executable, "-m", "agop", "rfm", "--dataset", "mnist", "--n", str(n),
-           "--depth", str(depth), "--device", device, "--data-dir", data, "--out", str(out),
-           "--no-progress"]
+def _agop_cli(args: list[str]) -> tuple[float, str | None]:
+    """Run ``agop ARGS --no-progress`` as a user would; (wall seconds, error text or None)."""
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "agop", *args, "--no-progress"],
+                          capture_output=True, text=True)
     wall = time.perf_counter() - t
     log(proc.stdout[-3000:])
     if proc.returncode:
         log(proc.stderr[-3000:])
-        return {"error": proc.stderr[-500:], "wall_seconds": wall}
+        return wall, proc.stderr[-500:]
+    return wall, None
+
+
+def rfm_cli(data: str, n: int, depth: int, device: str, workdir: Path) -> dict:
+    """``agop rfm`` as a user runs it, in a subprocess; numbers from its run folder."""
+    out = workdir / f"rfm-mnist-{n}"
+    wall, error = _agop_cli(["rfm", "--dataset", "mnist", "--n", str(n), "--depth", str(depth),
+                             "--device", device, "--data-dir", data, "--out", str(out)])
+    if error:
+        return {"error": error, "wall_seconds": wall}
     rows = read_csv(out / "metrics.csv")
     summary = read_json(out / "summary.json")
     per_layer = [r for r in rows if r["stage"] == "input"]
@@ -193,16 +200,11 @@ def gpu_vs_cpu(data: str, n: int, depth: int, device: torch.device) -> dict:
 
 def mlp_cli(data: str, n: int, epochs: int, device: str, workdir: Path) -> dict:
     out = workdir / f"mlp-mnist-{n}"
-    cmd = [sys.executable, "-m", "agop", "mlp", "--dataset", "mnist", "--n", str(n),
-           "--epochs", str(epochs), "--measure-every", "10", "--device", device,
-           "--data-dir", data, "--out", str(out), "--no-progress"]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    log(proc.stdout[-2000:])
-    if proc.returncode:
-        log(proc.stderr[-3000:])
-        return {"error": proc.stderr[-500:], "wall_seconds": wall}
+    wall, error = _agop_cli(["mlp", "--dataset", "mnist", "--n", str(n), "--epochs", str(epochs),
+                             "--measure-every", "10", "--device", device, "--data-dir", data,
+                             "--out", str(out)])
+    if error:
+        return {"error": error, "wall_seconds": wall}
     summary = read_json(out / "summary.json")
     sec = summary.get("seconds", {})
     measurements = len({r["epoch"] for r in read_csv(out / "metrics.csv")})

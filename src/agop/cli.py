@@ -33,6 +33,34 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- runs
+def _run_flags(p: argparse.ArgumentParser, kind: str, *, test_n: str, seed: str) -> None:
+    """Flags shared by ``agop rfm`` and ``agop mlp``. Absent flags are not passed on (SUPPRESS),
+    so the library's defaults apply, and on --resume the run's stored settings."""
+    S = argparse.SUPPRESS
+    p.add_argument("--dataset", default=S, metavar="NAME",
+                   help="digits (default, built in), mnist, fashion-mnist, cifar10, svhn")
+    p.add_argument("--n", type=int, default=S, metavar="N",
+                   help="train on the first N points in file order (default: all)")
+    p.add_argument("--test-n", dest="test_n", type=int, default=S, metavar="N", help=test_n)
+    p.add_argument("--seed", type=int, default=S, help=seed)
+    p.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu or cuda")
+    p.add_argument("--data-dir", dest="data_dir", default=S, metavar="DIR",
+                   help="data root (default: $AGOP_DATA, else ~/.cache/agop)")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"run folder (default: runs/{kind}-<time>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _settings(args: argparse.Namespace, fn) -> dict:
+    """The flags given that are keyword parameters of the run function ``fn``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in vars(args).items()
+            if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 # ----------------------------------------------------------------------------- rfm
 def _add_rfm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -40,12 +68,9 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
         description="Run Deep RFM (Algorithm 1) and measure NC1/NC2 at every layer's input, "
                     "after M^{1/2} (agop) and after the random features (Sections 5.1-5.2, "
                     "Figures 2, 3, 6). With no flags: digits, 10 layers, well under a minute.")
-    S = argparse.SUPPRESS  # absent flags are not passed: run_rfm's defaults apply
-    p.add_argument("--dataset", default=S, help="digits (default, built in), mnist, "
-                   "fashion-mnist, cifar10, svhn")
-    p.add_argument("--n", type=int, default=S, help="train on the first N points (default: all)")
-    p.add_argument("--test-n", dest="test_n", type=int, default=S,
-                   help="test accuracy on the first N test points (default: up to 1000; 0: none)")
+    _run_flags(p, "rfm", seed="seed of the random features (default: 0)",
+               test_n="test accuracy on the first N test points (default: up to 1000; 0: none)")
+    S = argparse.SUPPRESS
     p.add_argument("--depth", type=int, default=S, help="number of AGOP layers L (default: 10)")
     p.add_argument("--bandwidth", type=float, default=S,
                    help="Laplace kernel bandwidth (default: 2.0)")
@@ -54,27 +79,17 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
                    help="ridge μ (default: 0, ridgeless as the paper; the authors' code used 1e-3)")
     p.add_argument("--features", choices=("gaussian", "uniform"), default=S,
                    help="W ~ N(0, 2/width) (default, Prop. 5.1) or nn.Linear's uniform init")
-    p.add_argument("--seed", type=int, default=S, help="seed of the random features (default: 0)")
-    p.add_argument("--device", default=S, help="auto (default), cpu or cuda")
     p.add_argument("--dtype", default=S,
                    help="compute dtype: auto (default: float32), float32 or float64")
-    p.add_argument("--data-dir", dest="data_dir", default=S,
-                   help="data root (default: $AGOP_DATA, else ~/.cache/agop)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/rfm-<time>)")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the interrupted run in DIR")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
     p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
     p.set_defaults(func=_cmd_rfm)
 
 
 def _cmd_rfm(args: argparse.Namespace) -> int:
-    from agop.rfm import RFM_DEFAULTS, run_rfm, summary_text
+    from agop.rfm import run_rfm, summary_text
 
-    settings = {k: v for k, v in vars(args).items() if k in RFM_DEFAULTS}
-    run = run_rfm(out=args.out, resume=args.resume, progress=args.progress, pdf=args.pdf,
-                  **settings)
+    run = run_rfm(out=args.out, resume=args.resume, progress=args.progress,
+                  **_settings(args, run_rfm))
     print(summary_text(run.read_summary()))
     print(f"run folder: {run.path}  (metrics.csv, figures/, summary.json)")
     return 0
@@ -88,40 +103,31 @@ def _add_mlp(sub: argparse._SubParsersAction) -> None:
                     "NC1/NC2 of each hidden layer's input, S Vᵀ stage and output (Figures 1, 7) "
                     "and the NFA correlations (Figure 8). Unset flags take the preset's / "
                     "paper's values, or the stored ones with --resume.")
-    p.add_argument("--dataset", metavar="NAME", help="dataset (default: digits)")
-    p.add_argument("--n", type=int, metavar="N", help="first N training points (default: all)")
-    p.add_argument("--test-n", type=int, metavar="N",
-                   help="first N test points for test accuracy (default: all; 0: none)")
-    p.add_argument("--epochs", type=int, metavar="E", help="epochs (default: 250)")
-    p.add_argument("--measure-every", type=int, metavar="K",
+    _run_flags(p, "mlp", seed="seed of the weights and the batch order (default: 0)",
+               test_n="first N test points for test accuracy (default: all; 0: none)")
+    S = argparse.SUPPRESS
+    p.add_argument("--epochs", type=int, default=S, metavar="E", help="epochs (default: 250)")
+    p.add_argument("--measure-every", type=int, default=S, metavar="K",
                    help="measure every K epochs, and at epoch 0 and the last (default: 10)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper 2e-5, authors 5e-5)")
-    p.add_argument("--init-scale", type=float,
+    p.add_argument("--lr", type=float, default=S,
+                   help="Adam learning rate (paper 2e-5, authors 5e-5)")
+    p.add_argument("--init-scale", type=float, default=S,
                    help="Xavier-uniform gain of the hidden layers (paper 0.01, authors 0.1)")
-    p.add_argument("--width", type=int, help="hidden width (default: 512)")
-    p.add_argument("--depth", type=int, help="number of hidden layers (default: 5)")
-    p.add_argument("--batch-size", type=int, help="minibatch size (default: 128)")
-    p.add_argument("--preset", choices=["paper", "authors"],
+    p.add_argument("--width", type=int, default=S, help="hidden width (default: 512)")
+    p.add_argument("--depth", type=int, default=S, help="number of hidden layers (default: 5)")
+    p.add_argument("--batch-size", type=int, default=S, help="minibatch size (default: 128)")
+    p.add_argument("--preset", choices=["paper", "authors"], default=S,
                    help="paper: Appendix C (default); authors: their job scripts (lr 5e-5, "
                         "init gain 0.1, Adam re-created every epoch)")
-    p.add_argument("--seed", type=int, help="seed of the weights and the batch order (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="data root (default: $AGOP_DATA, else ~/.cache/agop)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/mlp-<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
     p.set_defaults(func=_cmd_mlp)
 
 
 def _cmd_mlp(args: argparse.Namespace) -> int:
     from agop.nets import run_mlp
 
-    rd = run_mlp(out=args.out, resume=args.resume, progress=not args.no_progress,
-                 dataset=args.dataset, n=args.n, test_n=args.test_n, epochs=args.epochs,
-                 measure_every=args.measure_every, lr=args.lr, init_scale=args.init_scale,
-                 width=args.width, depth=args.depth, batch_size=args.batch_size,
-                 preset=args.preset, seed=args.seed, device=args.device, data_dir=args.data_dir)
+    rd = run_mlp(out=args.out, resume=args.resume, progress=args.progress,
+                 **_settings(args, run_mlp))
     s = rd.read_summary()
 
     def g(v, spec: str = ".3g") -> str:  # summary.json stores NaN as null

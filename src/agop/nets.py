@@ -651,13 +651,13 @@ def _summary(rows: list[dict[str, Any]], s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _figures(rd, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
+def _figures(rd, rows: list[dict[str, Any]], s: dict[str, Any], pdf: bool = False) -> None:
     from agop import figures
 
     where = (f"{s['dataset']}, N = {rd.config['data']['n_train']}, {s['preset']} preset, "
              f"lr {s['lr']:g}, init gain {s['init_scale']:g}")
-    figures.mlp_nc1_stages(rows, rd.figures_dir / "fig1_nc1_stages", title=where)
-    figures.mlp_training(rows, rd.figures_dir / "fig8_nfa_training", title=where)
+    figures.mlp_nc1_stages(rows, rd.figures_dir / "fig1_nc1_stages", title=where, pdf=pdf)
+    figures.mlp_training(rows, rd.figures_dir / "fig8_nfa_training", title=where, pdf=pdf)
 
 
 def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
@@ -667,7 +667,8 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
             init_scale: float | None = None, width: int | None = None,
             depth: int | None = None, batch_size: int | None = None,
             preset: str | None = None, seed: int | None = None,
-            device: str | torch.device = "auto", data_dir: str | os.PathLike | None = None):
+            device: str | torch.device = "auto", data_dir: str | os.PathLike | None = None,
+            pdf: bool = False):
     """Train the paper's MLP and record Figures 1, 7, 8 (Section 4, Appendices B.2, B.3, C).
 
     Settings (None means the default; on resume, the stored value): ``dataset``
@@ -749,7 +750,7 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
     epoch0 = trainer.epoch
     with backend.strict_fp32():
         trainer.fit(s["epochs"], s["measure_every"], on_measure, progress)
-    _figures(rd, rows, s)
+    _figures(rd, rows, s, pdf)
     summary = _summary(rows, s)
     # this invocation only (a resumed run counts what it did itself)
     summary["seconds"] = {**trainer.seconds, "epochs": trainer.epoch - epoch0}

@@ -188,9 +188,10 @@ def _run_one(exp: Experiment, path: Path, state: str, *, device: str, data_dir: 
         from agop.nets import run_mlp
 
         if state == "partial":
-            run_mlp(resume=path, progress=progress, device=device, data_dir=data)
+            run_mlp(resume=path, progress=progress, device=device, data_dir=data, pdf=pdf)
         else:
-            run_mlp(out=path, progress=progress, device=device, data_dir=data, **exp.settings)
+            run_mlp(out=path, progress=progress, device=device, data_dir=data, pdf=pdf,
+                    **exp.settings)
     else:
         from agop.theory import run_theory
 
