@@ -22,7 +22,7 @@ from agop import datasets
 from agop.agop import agop_cost, kernel_agop, resolve_method
 from agop.kernels import LaplaceKernel, class_groups
 from agop.rfm import apply_layer, fit_layer, normalize_rows, random_weights
-from agop.solve import kernel_ridge
+from agop.solve import kernel_ridge, signed_one_hot
 
 
 def gemm_rate(n: int = 3000, repeats: int = 3) -> float:
@@ -47,8 +47,7 @@ def prepare(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
     X = normalize_rows(X)
     y = torch.from_numpy(ds.y)
-    Y = -torch.ones(len(y), ds.num_classes, dtype=torch.float64)
-    Y[torch.arange(len(y)), y] = 1.0
+    Y = signed_one_hot(y, ds.num_classes, torch.float64)
     return X, y, Y
 
 

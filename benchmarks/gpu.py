@@ -41,6 +41,7 @@ from agop.backend import fp32_matmul, strict_fp32, synchronize
 from agop.kernels import LaplaceKernel, class_groups
 from agop.rfm import DeepRFM, apply_layer, fit_layer, normalize_rows, random_weights
 from agop.runs import atomic_write_json, read_csv, read_json
+from agop.solve import signed_one_hot
 
 RESULTS: dict = {}
 
@@ -131,8 +132,7 @@ def prepare(data: str, n: int, device: torch.device):
     X = torch.nan_to_num((X - X.mean(0)) / X.std(0), nan=0.0, posinf=0.0, neginf=0.0)
     X = normalize_rows(X)
     y = torch.from_numpy(ds.y).to(device)
-    Y = -torch.ones(len(y), ds.num_classes, device=device)
-    Y[torch.arange(len(y), device=device), y] = 1.0
+    Y = signed_one_hot(y, ds.num_classes)
     return X, y, Y
 
 

@@ -276,3 +276,16 @@ def test_precomputed_distances_give_the_same_agop():
     assert _rel(kernel_agop(k, C, A, method="gram", distances=pairwise_distances(C)), ref) < 1e-13
     with pytest.raises(ValueError, match="N × N"):
         kernel_agop(k, C, A, distances=torch.zeros(3, 3))
+
+
+def test_direct_form_sums_in_the_same_order_whatever_memory_is_free(monkeypatch):
+    # resume must reproduce the bits of M: chunking may not follow the free memory
+    g = torch.Generator().manual_seed(3)
+    C = torch.randn(2600, 6, generator=g)
+    C = C / C.norm(dim=1, keepdim=True)
+    A = torch.randn(2600, 2, generator=g)
+    results = []
+    for gb in ("0.05", "4"):  # without the cap: chunks of about 1,700 and 2,600 rows
+        monkeypatch.setenv("AGOP_MEMORY_GB", gb)
+        results.append(kernel_agop(LaplaceKernel(), C, A, method="direct"))
+    assert torch.equal(results[0], results[1])

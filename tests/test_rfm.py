@@ -307,6 +307,9 @@ def test_resume_rejects_different_settings(tmp_path):
     run_rfm(tmp_path / "r", progress=False, **{**SMALL, "depth": 1})
     with pytest.raises(ValueError, match="depth"):
         run_rfm(resume=tmp_path / "r", progress=False, depth=5)
+    # a value that equals the library default is still a value the run does not have
+    with pytest.raises(ValueError, match="depth: run has 1, given 10"):
+        run_rfm(resume=tmp_path / "r", progress=False, depth=10)
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -342,10 +345,14 @@ def test_cli_help_defaults_match_run_rfm():
     from agop.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["rfm"]
+    from agop.rfm import RFM_DEFAULTS
+
     helps = {a.dest: a.help for a in sub._actions}
     for name, param in inspect.signature(run_rfm).parameters.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            assert name in RFM_DEFAULTS or name == "pdf", name
         if name in ("depth", "bandwidth", "width", "seed"):
-            assert f"default: {param.default}" in helps[name], name
+            assert f"default: {RFM_DEFAULTS[name]}" in helps[name], name
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -84,3 +84,11 @@ def test_hopeless_matrix_raises_clear_error():
 def test_bad_input(K, Y, kw, match):
     with pytest.raises(ValueError, match=match):
         kernel_ridge(K, Y, **kw)
+
+
+def test_signed_one_hot_targets():
+    from agop.solve import signed_one_hot
+
+    T = signed_one_hot(torch.tensor([2, 0, 1, 2]), 3)
+    assert T.tolist() == [[-1, -1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]
+    assert T.dtype == torch.float32 and signed_one_hot(torch.tensor([0]), 2, torch.float64).dtype == torch.float64

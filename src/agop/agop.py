@@ -49,8 +49,8 @@ def agop_cost(n: int, N: int, K: int, D: int, method: str, *, float64_slowdown: 
 
     direct: distances 2nND, Wα 2nNK, the K gradient blocks 2nNKD, their outer products 2nKD².
     gram:   W² as a symmetric product ≈ N³, distances 2N²D, QC 2N²D, Cᵀ(QC) 2ND², the
-            rank-K products AAᵀ, ABᵀ, BAᵀ and WA ≈ 8N²K; all in float64, so multiplied by
-            ``float64_slowdown`` (:func:`agop.backend.float64_slowdown` for float32 inputs).
+            rank-K products AAᵀ, ABᵀ, BAᵀ and WA ≈ 8N²K; multiplied by ``float64_slowdown``
+            (:func:`agop.backend.float64_slowdown`) when it must run in float64.
     """
     if method == "direct":
         return 2.0 * n * N * (D + K + K * D) + 2.0 * n * K * D * D
@@ -201,6 +201,10 @@ class _Frame:
         return F
 
 
+#: Rows of points per chunk of the direct form (fewer only when memory is short).
+DIRECT_CHUNK_ROWS = 1024
+
+
 def _agop_direct(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor, A: torch.Tensor,
                  same: bool, chunk_rows: int | None,
                  groups: list[torch.Tensor] | None) -> torch.Tensor:
@@ -210,9 +214,12 @@ def _agop_direct(kernel: RadialKernel, P: torch.Tensor, C: torch.Tensor, A: torc
     G = 1 if groups is None else len(groups)
     if chunk_rows is None:
         # per row: distances/kernel/weights (≈3N), K gradient rows (K·D), F (G·K);
-        # fixed: the shifted centers and one scaled copy of them, and M
-        chunk_rows = plan_rows((3 * N + K * D + D + G * K) * item, n, C.device,
-                               fixed_bytes=(2 * N * D + D * D) * item)
+        # fixed: the shifted centers and one scaled copy of them, and M. At most
+        # DIRECT_CHUNK_ROWS, so that M is summed in the same order (to the same bits) whatever
+        # memory is free, e.g. when a run is resumed on a busier machine.
+        chunk_rows = min(DIRECT_CHUNK_ROWS,
+                         plan_rows((3 * N + K * D + D + G * K) * item, n, C.device,
+                                   fixed_bytes=(2 * N * D + D * D) * item))
     frame = _Frame(C, groups) if same else None
     X = frame.shifted if same else C  # positions the gradients are assembled from
     M = torch.zeros((D, D), dtype=C.dtype, device=C.device)
@@ -343,7 +350,10 @@ def _gram_form(W: torch.Tensor, C: torch.Tensor, A: torch.Tensor, chunk_rows: in
 
 def model_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, *,
                batch_size: int | None = None) -> torch.Tensor:
-    """AGOP of any differentiable torch callable: (1/N) Σᵢ Jᵢᵀ Jᵢ by autograd, in float64.
+    """AGOP of any differentiable torch callable: (1/N) Σᵢ Jᵢᵀ Jᵢ by autograd.
+
+    The Jacobians are computed in X's dtype (pass float64 X for a float64 reference); their
+    outer products are accumulated in float64.
 
     Args:
         fn: maps a batch B × D (or B × d₁ × …) to outputs B × K (or B); each sample's outputs

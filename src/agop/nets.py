@@ -33,6 +33,7 @@ from agop import backend
 from agop._validate import ArrayLike, as_labels, check_int, check_matrix, check_positive
 from agop.collapse import CollapseAccumulator
 from agop.linalg import psd_power
+from agop.solve import signed_one_hot
 
 __all__ = [
     "MLP",
@@ -324,13 +325,6 @@ def _mlp_layout(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
     return mods, hidden
 
 
-def _targets(y: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """±1 one-hot targets (Appendix C): +1 in the own class, −1 elsewhere (N × K)."""
-    T = torch.full((y.shape[0], K), -1.0, dtype=dtype, device=y.device)
-    T[torch.arange(y.shape[0], device=y.device), y] = 1.0
-    return T
-
-
 def _metrics(acc: CollapseAccumulator, where: str) -> dict[str, float]:
     values = acc.compute(strict=False)  # e.g. a dead layer: all class means equal
     undefined = sorted(k for k, v in values.items() if math.isnan(v))
@@ -357,7 +351,7 @@ def _probe(mods: list[nn.Module], hidden: list[int], X: torch.Tensor, y: torch.T
         yb = y[i0:i0 + batch_size]
         out, inputs, G = _forward_grams(mods, hidden, X[i0:i0 + batch_size])
         grams = G if grams is None else [t.add_(g) for t, g in zip(grams, G)]
-        sse += (out.to(torch.float64) - _targets(yb, K, torch.float64)).square().sum()
+        sse += (out.to(torch.float64) - signed_one_hot(yb, K, torch.float64)).square().sum()
         correct += (out.argmax(dim=1) == yb).sum()
         with torch.no_grad():
             for p, x, (U, S, Vh), acc in zip(hidden, inputs, svds, accs):
@@ -451,7 +445,7 @@ class Trainer:
         self.model = model
         self._mods, self._hidden = _mlp_layout(model)
         self.X, self.y, self.num_classes = _as_data(self._mods, X, y, num_classes)
-        self.T = _targets(self.y, self.num_classes, self.X.dtype)
+        self.T = signed_one_hot(self.y, self.num_classes, self.X.dtype)
         self.X_test = self.y_test = None
         if X_test is not None:
             self.X_test, self.y_test, _ = _as_data(self._mods, X_test, y_test, self.num_classes,

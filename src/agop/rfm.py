@@ -19,6 +19,7 @@ measure the same too. Only rounding differs, so there is no option for it.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -32,7 +33,7 @@ from agop.backend import (dtype_name, format_bytes, memory_budget, parse_dtype, 
                           resolve_device, strict_fp32, synchronize)
 from agop.kernels import KERNELS, RadialKernel, class_groups, get_kernel, pairwise_distances
 from agop.linalg import psd_power
-from agop.solve import kernel_ridge
+from agop.solve import kernel_ridge, signed_one_hot
 
 FEATURES = ("gaussian", "uniform")
 STEPS = ("kernel", "solve", "agop", "sqrt", "features", "predict", "metrics")
@@ -444,8 +445,7 @@ class DeepRFM:
         kernel, dev = self.kernel_, self.device_
         Xn = normalize_rows(self._train, f"layer {l} training features")
         Xte = None if self._test is None else normalize_rows(self._test, f"layer {l} test features")
-        Y = torch.full((Xn.shape[0], len(self.classes_)), -1.0, dtype=self.dtype_, device=dev)
-        Y[torch.arange(Xn.shape[0], device=dev), self._y] = 1.0
+        Y = signed_one_hot(self._y, len(self.classes_), self.dtype_)
 
         groups = self._groups
         if final:
@@ -663,8 +663,8 @@ RFM_DEFAULTS: dict[str, Any] = {
     "width": 512, "ridge": 0.0, "features": "gaussian", "seed": 0, "device": "auto",
     "dtype": "auto", "data_dir": None,
 }
-# settings that do not change a number: they may differ when a run is resumed
-_FREE_ON_RESUME = ("data_dir",)
+# settings that may differ when a run is resumed (the device changes numbers by rounding only)
+_FREE_ON_RESUME = ("data_dir", "device")
 TEST_N_DEFAULT = 1000  # test_n=None: up to this many test points
 GRAM_POINTS = 500  # class-balanced training subset whose Gram matrices are kept (Figure 2)
 GRAM_PANELS = 6
@@ -823,10 +823,11 @@ def _figures(run: Any, rows: list[dict[str, Any]], classes: list[str] | None, ti
 
 
 def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
-            dataset: str = "digits", n: int | None = None, test_n: int | None = None,
-            depth: int = 10, bandwidth: float = 2.0, width: int = 512, ridge: float = 0.0,
-            features: str = "gaussian", seed: int = 0, device: str = "auto",
-            dtype: str = "auto", data_dir: Any = None, pdf: bool = False) -> Any:
+            dataset: str | None = None, n: int | None = None, test_n: int | None = None,
+            depth: int | None = None, bandwidth: float | None = None, width: int | None = None,
+            ridge: float | None = None, features: str | None = None, seed: int | None = None,
+            device: str | None = None, dtype: str | None = None, data_dir: Any = None,
+            pdf: bool = False) -> Any:
     """The ``agop rfm`` experiment: Deep RFM on a dataset, measured per layer and stage.
 
     Sections 5.1–5.2, Figures 2, 3, 6. Trains on the first ``n`` training points (all if
@@ -836,9 +837,14 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
     gram/layer_XXX.npz (the Figure 2 Gram of a class-balanced subset of ≤ 500 training
     points at a few layers), figures/ and summary.json at the end.
 
+    Settings left None take :data:`RFM_DEFAULTS` (digits, depth 10, bandwidth 2, width 512,
+    ridgeless, Gaussian features, seed 0, device and dtype "auto").
+
     ``resume=DIR`` continues an interrupted run from its last finished layer and ends with
-    exactly the numbers of an uninterrupted run (times aside). Settings passed with a
-    resume must match the run's (defaults are not checked). Returns the :class:`agop.runs.RunDir`.
+    exactly the numbers of an uninterrupted run (times aside). Settings passed with a resume
+    must equal the run's, except ``data_dir`` and ``device`` (a run continued on another
+    device than it started on warns: its numbers then differ by rounding). Returns the
+    :class:`agop.runs.RunDir`.
     """
     from pathlib import Path
 
@@ -849,20 +855,19 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
     given = dict(dataset=dataset, n=n, test_n=test_n, depth=depth, bandwidth=bandwidth,
                  width=width, ridge=ridge, features=features, seed=seed, device=device,
                  dtype=dtype, data_dir=None if data_dir is None else str(data_dir))
+    explicit = {k: v for k, v in given.items() if v is not None}
     ckpt = None
     if resume is not None:
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise ValueError(f"give either out or resume, not both ({out} vs {resume})")
         run = RunDir.resume(resume, "rfm")
-        explicit = {k: v for k, v in given.items()
-                    if v != RFM_DEFAULTS[k] and k not in _FREE_ON_RESUME}
-        RunDir.check_settings(run.settings, explicit)
-        settings = {**RFM_DEFAULTS, **run.settings}
-        if data_dir is not None:
-            settings["data_dir"] = str(data_dir)
+        RunDir.check_settings(run.settings, {k: v for k, v in explicit.items()
+                                             if k not in _FREE_ON_RESUME})
+        settings = {**RFM_DEFAULTS, **run.settings,
+                    **{k: v for k, v in explicit.items() if k in _FREE_ON_RESUME}}
         ckpt = run.load_checkpoint()
     else:
-        settings = given
+        settings = {**RFM_DEFAULTS, **explicit}
     for key in ("n", "test_n"):
         if settings[key] is not None:
             check_int(settings[key], key, minimum=0 if key == "test_n" else 2)
@@ -870,6 +875,11 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
                     settings["ridge"], settings["features"], settings["seed"],
                     settings["device"], dtype=settings["dtype"])
     model._check_params()
+    if resume is not None and run.config.get("device") not in (None, str(model.device_)):
+        warnings.warn(f"{resume} started on {run.config['device']} and continues on "
+                      f"{model.device_}: its numbers will differ from an uninterrupted run by "
+                      "rounding", stacklevel=2)
+        run.update_config(device=str(model.device_))
     started = time.perf_counter()
     if model.device_.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device_)

@@ -15,6 +15,17 @@ import torch
 from agop._validate import check_positive
 
 
+def signed_one_hot(y: torch.Tensor, num_classes: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Regression targets of the paper (Appendix C): +1 in the own class, −1 elsewhere (N × K).
+
+    ``y``: class indices 0..K−1 (a tensor; the result is on its device).
+    """
+    T = torch.full((y.shape[0], num_classes), -1.0, dtype=dtype, device=y.device)
+    T[torch.arange(y.shape[0], device=y.device), y] = 1.0
+    return T
+
+
 @dataclass
 class KernelRidgeResult:
     """Result of :func:`kernel_ridge`.

@@ -245,7 +245,7 @@ def kappa_value(kappa: str | float, lambda_k: float, lambda_phi: float, m: float
         value = 1.0 - 2.0 * lambda_k * (1.0 + 1.0 / lambda_phi)
         if value <= 0:
             raise ValueError(f"kappa='paper' gives κ = 1 − 2λ_k(1 + 1/λ_Φ) = {value:.4g} ≤ 0 for "
-                             f"λ_k = {lambda_k}, λ_Φ = {lambda_phi}; the theorem needs κ > 1/2")
+                             f"λ_k = {lambda_k}, λ_Φ = {lambda_phi}: no rescaling (the theorem assumes κ > 1/2)")
         return value
     if isinstance(kappa, str):
         raise ValueError(f"kappa must be 'exact', 'paper' or a number > 0; got {kappa!r}")
