@@ -289,3 +289,14 @@ def test_direct_form_sums_in_the_same_order_whatever_memory_is_free(monkeypatch)
         monkeypatch.setenv("AGOP_MEMORY_GB", gb)
         results.append(kernel_agop(LaplaceKernel(), C, A, method="direct"))
     assert torch.equal(results[0], results[1])
+
+
+def test_skipping_a_refused_float32_gram_try_gives_the_same_bits():
+    X, coef, groups = _collapsed_problem(1e-3)
+    X32, A32 = X.float(), coef.float()
+    tried, skipped = {}, {}
+    a = kernel_agop(LaplaceKernel(), X32, A32, groups=groups, method="gram", info=tried)
+    b = kernel_agop(LaplaceKernel(), X32, A32, groups=groups, method="gram", info=skipped,
+                    try_float32=False)
+    assert tried["fallback"] and skipped["fallback"] and "error_estimate" not in skipped
+    assert torch.equal(a, b)

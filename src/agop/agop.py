@@ -115,7 +115,8 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
                 chunk_rows: int | None = None,
                 groups: list[torch.Tensor] | None = None,
                 info: dict | None = None,
-                distances: torch.Tensor | None = None) -> torch.Tensor:
+                distances: torch.Tensor | None = None,
+                try_float32: bool = True) -> torch.Tensor:
     """AGOP of f(x) = Σⱼ coef_j k(x, c_j) over ``points`` (default: the centers, self terms dropped).
 
     Args:
@@ -133,6 +134,9 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
             products ran in) and, for the gram form, ``error_estimate`` (:func:`_agop_gram`).
         distances: the N × N distances between the centers (self-distances 0), e.g. kept from
             building the kernel matrix; the gram form then does not recompute them.
+        try_float32: with float32 inputs, try the gram form in float32 first (default). False
+            goes straight to its float64 / direct fallback, which gives the same numbers as a
+            rejected float32 try (a caller that saw a fallback can skip the wasted try).
 
     Returns:
         M, D × D, (1/n) Σᵢ Σ_k ∇f_k(pᵢ) ∇f_k(pᵢ)ᵀ, in the dtype and on the device of ``centers``.
@@ -152,7 +156,7 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
     if distances is not None and tuple(distances.shape) != (N, N):
         raise ValueError(f"distances must be N × N = {N} × {N}; got {tuple(distances.shape)}")
     if method == "gram":
-        M = _agop_gram(kernel, centers, coef, chunk_rows, groups, info, distances)
+        M = _agop_gram(kernel, centers, coef, chunk_rows, groups, info, distances, try_float32)
     else:
         M = _agop_direct(kernel, P, centers, coef, same, chunk_rows, groups)
     M /= n
@@ -251,7 +255,8 @@ GRAM_TOLERANCE = 5e-6
 
 def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
                chunk_rows: int | None, groups: list[torch.Tensor] | None,
-               info: dict, distances: torch.Tensor | None = None) -> torch.Tensor:
+               info: dict, distances: torch.Tensor | None = None,
+               try_float32: bool = True) -> torch.Tensor:
     """M = CᵀQC (module docstring), in float32 when that is accurate, else in float64.
 
     The quadratic form cancels: its terms grow like (‖c‖/‖∇f‖)², and like 1/d² for same-class
@@ -260,15 +265,18 @@ def _agop_gram(kernel: RadialKernel, C: torch.Tensor, A: torch.Tensor,
     the direct form where that is cheaper on this device. ``info["error_estimate"]`` records
     the float32 estimate relative to ‖M‖_F.
     """
-    W = _weight_matrix(kernel, C, groups, chunk_rows, distances)
     if C.dtype == torch.float64:
-        return _gram_form(W, C, A, chunk_rows)[0]
-    M, err = _gram_form(W, C, A, chunk_rows, estimate=True)
-    del W
-    info["error_estimate"] = err / max(float(M.norm()), torch.finfo(M.dtype).tiny)
-    if info["error_estimate"] <= GRAM_TOLERANCE:
-        return M
-    del M
+        return _gram_form(_weight_matrix(kernel, C, groups, chunk_rows, distances), C, A,
+                          chunk_rows)[0]
+    if try_float32:
+        W = _weight_matrix(kernel, C, groups, chunk_rows, distances)
+        M, err = _gram_form(W, C, A, chunk_rows, estimate=True)
+        del W
+        info["error_estimate"] = err / max(float(M.norm()), torch.finfo(M.dtype).tiny)
+        if info["error_estimate"] <= GRAM_TOLERANCE:
+            return M
+        del M
+    info["fallback"] = True
     N, D = C.shape
     K = A.shape[1]
     if agop_cost(N, N, K, D, "direct") < agop_cost(N, N, K, D, "gram",

@@ -178,7 +178,8 @@ def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: f
 
 
 def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: float = 0.0,
-              agop_method: str = "auto", groups: list[torch.Tensor] | None = None) -> LayerFit:
+              agop_method: str = "auto", groups: list[torch.Tensor] | None = None,
+              try_float32: bool = True) -> LayerFit:
     """Steps 2–3 of Algorithm 1 and M^{1/2} on normalized ``X`` (N × D), targets ``Y`` (N × K).
 
     Solve as :func:`solve_layer`; the AGOP is computed in X's dtype (α cast to it) and M^{1/2}
@@ -192,7 +193,7 @@ def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: flo
     fit = solve_layer(X, Y, kernel, ridge, groups, keep_distances=keep)
     t = time.perf_counter()
     fit.agop = kernel_agop(kernel, X, fit.coef.to(X.dtype), method=method, groups=groups,
-                           info=fit.agop_info, distances=fit.distances)
+                           info=fit.agop_info, distances=fit.distances, try_float32=try_float32)
     fit.distances = None
     synchronize(X.device)
     fit.seconds["agop"] = time.perf_counter() - t
@@ -451,7 +452,10 @@ class DeepRFM:
         if final:
             fit = solve_layer(Xn, Y, kernel, self.ridge, groups)
         else:
-            fit = fit_layer(Xn, Y, kernel, self.ridge, self.agop_method, groups)
+            # classes only collapse further: once the float32 gram form was refused, skip it
+            refused = any(r.get("agop_fallback") for r in self.history_)
+            fit = fit_layer(Xn, Y, kernel, self.ridge, self.agop_method, groups,
+                            try_float32=not refused)
         seconds = dict(fit.seconds)
         train_acc = _accuracy(fit.fitted, self._y)
         test_acc = None
@@ -484,6 +488,7 @@ class DeepRFM:
             "dtype": dtype_name(self.dtype_),
             "agop_method": fit.agop_info.get("method"),
             "agop_precision": fit.agop_info.get("precision"),
+            "agop_fallback": bool(fit.agop_info.get("fallback")),
             "n": N,
             "dim": D,
             # Algorithm 1's own work; test predictions and metrics are measurement
