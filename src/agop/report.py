@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from agop import __version__
+from agop.runs import metric_float
 
 __all__ = ["SCALES", "PAPER_DATASETS", "build_report", "mlp_numbers", "plan", "reproduce",
            "rfm_numbers", "theory_numbers"]
@@ -314,87 +315,22 @@ def load_run(path: Any) -> Run:
 
 
 # ============================================================================ headline numbers
-def _f(v: Any) -> float:
-    """A metrics value as float (None, empty or text: NaN)."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-
-
 def _ok(*values: float) -> bool:
     return all(math.isfinite(v) and v > 0 for v in values)
 
 
 def rfm_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Headline numbers of a Deep RFM run from its metrics rows (Figures 3, 6; Section 5.2).
+    """Headline numbers of a Deep RFM run, finished or not: :func:`agop.rfm.headline`."""
+    from agop.rfm import headline
 
-    ``rows``: ``agop rfm`` metrics rows (``layer`` from 1, ``stage`` in input/agop/features,
-    ``nc1``, ``nc2``, ``train_acc``, ``test_acc``). With m the last layer that has an input row
-    (L + 1 for a finished run), log NC1(X_1) − log NC1(X_m) is the sum over l < m of three
-    steps: input → agop (M^{1/2}), agop → features (random features and ReLU), features → next
-    input (row normalization); ``share_*`` is each step's sum over that total (a negative share
-    raised NC1). Counts are over the layers with both stages.
-    """
-    by = {(r.get("layer"), r.get("stage")): r for r in rows}
-    inputs = sorted(l for l, s in by if s == "input")
-    if not inputs:
-        return {}
-    m = inputs[-1]
-    nc1 = {k: _f(r.get("nc1")) for k, r in by.items()}
-    staged = [l for l in range(1, m) if all((l, s) in by for s in ("input", "agop", "features"))
-              and (l + 1, "input") in by]
-    out: dict[str, Any] = {
-        "layers": len([l for l in inputs if (l, "agop") in by]),
-        "last_layer": m,
-        "nc1_first": nc1[(inputs[0], "input")],
-        "nc1_last": nc1[(m, "input")],
-        "nc2_first": _f(by[(inputs[0], "input")].get("nc2")),
-        "nc2_last": _f(by[(m, "input")].get("nc2")),
-        "train_acc": _f(by[(m, "input")].get("train_acc")),
-        "test_acc": _f(by[(m, "input")].get("test_acc")),
-    }
-    out["nc1_reduction"] = (out["nc1_first"] / out["nc1_last"]
-                            if _ok(out["nc1_first"], out["nc1_last"]) else math.nan)
-    both = [l for l in inputs if (l, "agop") in by]
-    out["agop_below_input"] = sum(nc1[(l, "agop")] < nc1[(l, "input")] for l in both)
-    with_features = [l for l in both if (l, "features") in by]
-    out["features_not_below_agop"] = sum(nc1[(l, "features")] >= nc1[(l, "agop")]
-                                         for l in with_features)
-    out["layers_with_features"] = len(with_features)
-    values = [nc1[(l, s)] for l in staged for s in ("input", "agop", "features")]
-    if staged and staged == list(range(1, m)) and _ok(*values, out["nc1_last"]):
-        lg = {k: math.log(v) for k, v in nc1.items() if _ok(v)}
-        total = lg[(1, "input")] - lg[(m, "input")]
-        steps = {
-            "agop": sum(lg[(l, "input")] - lg[(l, "agop")] for l in staged),
-            "features": sum(lg[(l, "agop")] - lg[(l, "features")] for l in staged),
-            "normalize": sum(lg[(l, "features")] - lg[(l + 1, "input")] for l in staged),
-        }
-        for k, v in steps.items():  # a share of an increase would read backwards
-            out[f"share_{k}"] = v / total if total > 0 else math.nan
-    else:
-        out.update(share_agop=math.nan, share_features=math.nan, share_normalize=math.nan)
-    return out
+    return headline(rows)
 
 
 def gram_numbers(path: Path, num_classes: int | None) -> dict[str, Any] | None:
-    """Mean same-class and other-class entries of a run's last stored Gram matrix (Figure 2).
+    """The last stored Gram matrix of a run against the collapsed one (:func:`agop.rfm.gram_summary`)."""
+    from agop.rfm import gram_summary, load_grams
 
-    Collapsed data gives 1 within a class and −1/(K−1) between classes. None without Grams.
-    """
-    import numpy as np
-
-    from agop.rfm import load_grams
-
-    grams = load_grams(path)
-    if not grams:
-        return None
-    layer, G, labels = grams[-1]
-    K = num_classes or len(np.unique(labels))
-    same = labels[:, None] == labels[None, :]
-    off = ~np.eye(len(labels), dtype=bool)
-    return {"layer": layer, "points": int(len(labels)),
-            "same_class_mean": float(G[same & off].mean()),
-            "other_class_mean": float(G[~same].mean()),
-            "other_class_ideal": -1.0 / (K - 1)}
+    return gram_summary(load_grams(path), num_classes)
 
 
 def mlp_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -417,7 +353,7 @@ def mlp_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
     layer_ids = sorted({l for l, _ in final})
     layers = []
     for l in layer_ids:
-        nc1 = {s: _f(final.get((l, s), {}).get("nc1")) for s in ("input", "right", "output")}
+        nc1 = {s: metric_float(final.get((l, s), {}).get("nc1")) for s in ("input", "right", "output")}
         right = (math.log10(nc1["input"] / nc1["right"]) if _ok(nc1["input"], nc1["right"])
                  else math.nan)
         output = (math.log10(nc1["right"] / nc1["output"]) if _ok(nc1["right"], nc1["output"])
@@ -425,18 +361,18 @@ def mlp_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         inp = final.get((l, "input"), {})
         layers.append({"layer": l, **{f"nc1_{s}": v for s, v in nc1.items()},
                        "drop_right": right, "drop_output": output,
-                       "nfa": _f(inp.get("nfa")), "nfa_sqrt": _f(inp.get("nfa_sqrt"))})
+                       "nfa": metric_float(inp.get("nfa")), "nfa_sqrt": metric_float(inp.get("nfa_sqrt"))})
     sum_right = sum(x["drop_right"] for x in layers)
     sum_output = sum(x["drop_output"] for x in layers)
     total = sum_right + sum_output
-    nfa_all = [_f(r.get("nfa_sqrt")) for r in rows if r.get("stage") == "input"]
+    nfa_all = [metric_float(r.get("nfa_sqrt")) for r in rows if r.get("stage") == "input"]
     nfa_all = [v for v in nfa_all if math.isfinite(v)]
     head = final.get((layer_ids[0], "input"), {})
     top = layer_ids[-1]
     return {
         "epoch": last, "first_epoch": first, "num_layers": len(layers), "layers": layers,
-        "loss": _f(head.get("loss")), "train_acc": _f(head.get("train_acc")),
-        "test_acc": _f(head.get("test_acc")),
+        "loss": metric_float(head.get("loss")), "train_acc": metric_float(head.get("train_acc")),
+        "test_acc": metric_float(head.get("test_acc")),
         "drop_right_total": sum_right, "drop_output_total": sum_output,
         "share_right": sum_right / total if math.isfinite(total) and total > 0 else math.nan,
         "right_dominates": sum(x["drop_right"] > abs(x["drop_output"]) for x in layers),
@@ -445,8 +381,8 @@ def mlp_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "nfa_sqrt_max": max((x["nfa_sqrt"] for x in layers), default=math.nan),
         "nfa_mean": _mean([x["nfa"] for x in layers]),
         "nfa_sqrt_lowest": min(nfa_all, default=math.nan),
-        "within_total_first": _f(start.get((top, "output"), {}).get("within_total")),
-        "within_total_last": _f(final.get((top, "output"), {}).get("within_total")),
+        "within_total_first": metric_float(start.get((top, "output"), {}).get("within_total")),
+        "within_total_last": metric_float(final.get((top, "output"), {}).get("within_total")),
     }
 
 
@@ -591,19 +527,19 @@ def theory_claims(run: Run, x: dict[str, Any]) -> list[Claim]:
         return part["passed"] == part["checks"] if part["checks"] else None
 
     fig4, t54, t55 = x["fig4"], x["thm5.4"], x["thm5.5"]
-    z = max(_f(x.get("relu_mc_max_z_inner")), _f(x.get("relu_mc_max_z_distance")))
+    z = max(metric_float(x.get("relu_mc_max_z_inner")), metric_float(x.get("relu_mc_max_z_distance")))
     rates = x.get("contraction_rates") or {}
     rate = next((v for k, v in rates.items() if "exact" in k), math.nan)
     lap, rfm = x.get("krr_ratio_laplace") or {}, x.get("krr_ratio_rfm") or {}
     mu = next(iter(lap), None)
-    krr = (f"; μ = {mu}: objective/bound {_num(_f(lap[mu]))} (Laplace) vs "
-           f"{_num(_f(rfm.get(mu)))} (RFM k_M) on {x.get('krr_dataset', '?')}"
+    krr = (f"; μ = {mu}: objective/bound {_num(metric_float(lap[mu]))} (Laplace) vs "
+           f"{_num(metric_float(rfm.get(mu)))} (RFM k_M) on {x.get('krr_dataset', '?')}"
            if mu is not None else "")
     return [
         Claim("Fig. 4", run.label, "E‖σ(Wx) − σ(Wy)‖/‖x − y‖ decreases monotonically within "
               "[1/√2, 1]; theory and simulation match.",
               f"{fig4['passed']} of {fig4['checks']} checks passed; ratio at ‖x − y‖ = 2: "
-              f"{_num(_f(x.get('relu_ratio_at_2')), 5)}; Monte-Carlo max |z| {_num(z)}",
+              f"{_num(metric_float(x.get('relu_ratio_at_2')), 5)}; Monte-Carlo max |z| {_num(z)}",
               verdict(fig4), "every check passes"),
         Claim("Thm 5.4", run.label, "Linearized Deep RFM collapses geometrically; larger λ_k "
               "slows it, larger λ_Φ speeds it up.",
@@ -737,7 +673,7 @@ def _seconds(run: Run, timings: dict[str, float]) -> float:
             return float(known[run.name])
     s = run.summary or {}
     if run.kind == "rfm" and "layer_seconds" in s:
-        return _f(s.get("layer_seconds")) + _f(s.get("metric_seconds", 0.0))
+        return metric_float(s.get("layer_seconds")) + metric_float(s.get("metric_seconds", 0.0))
     return math.nan
 
 
@@ -833,7 +769,7 @@ def _cross_figures(rfm, mlp, figures_dir: Path, pdf: bool) -> dict[str, Path]:
     if rfm:
         curves = []
         for r, _, _ in rfm:
-            by = {(row.get("layer"), row.get("stage")): _f(row.get("nc1")) for row in r.rows}
+            by = {(row.get("layer"), row.get("stage")): metric_float(row.get("nc1")) for row in r.rows}
             layers = sorted(l for l, s in by if s == "input")
             curves.append({"label": _NAMES.get(r.dataset, r.dataset) if _unique(rfm, r)
                            else r.name, "layers": layers,

@@ -18,6 +18,7 @@ measure the same too. Only rounding differs, so there is no option for it.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from agop.backend import (dtype_name, format_bytes, memory_budget, parse_dtype, 
                           resolve_device, strict_fp32, synchronize)
 from agop.kernels import KERNELS, RadialKernel, class_groups, get_kernel, pairwise_distances
 from agop.linalg import psd_power
+from agop.runs import metric_float
 from agop.solve import kernel_ridge, signed_one_hot
 
 FEATURES = ("gaussian", "uniform")
@@ -733,62 +735,112 @@ def load_grams(path: Any) -> list[tuple[int, np.ndarray, np.ndarray]]:
     return out
 
 
+def _positive(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headline numbers of a Deep RFM run from its metrics rows (Figures 3, 6; Section 5.2).
+
+    ``rows``: ``agop rfm`` metrics rows (``layer`` from 1, ``stage`` in input/agop/features,
+    ``nc1``, ``nc2``, ``train_acc``, ``test_acc``). With m the last layer that has an input row
+    (L + 1 for a finished run), log NC1(X_1) − log NC1(X_m) is the sum over l < m of three
+    steps: input → agop (M^{1/2}), agop → features (random features and ReLU), features → next
+    input (row normalization); ``share_*`` is each step's sum over that total (a negative share
+    raised NC1). Counts are over the layers with both stages.
+    """
+    by = {(r.get("layer"), r.get("stage")): r for r in rows}
+    inputs = sorted(l for l, s in by if s == "input")
+    if not inputs:
+        return {}
+    m = inputs[-1]
+    nc1 = {k: metric_float(r.get("nc1")) for k, r in by.items()}
+    staged = [l for l in range(1, m) if all((l, s) in by for s in ("input", "agop", "features"))
+              and (l + 1, "input") in by]
+    out: dict[str, Any] = {
+        "layers": len([l for l in inputs if (l, "agop") in by]),
+        "last_layer": m,
+        "nc1_first": nc1[(inputs[0], "input")],
+        "nc1_last": nc1[(m, "input")],
+        "nc2_first": metric_float(by[(inputs[0], "input")].get("nc2")),
+        "nc2_last": metric_float(by[(m, "input")].get("nc2")),
+        "train_acc": metric_float(by[(m, "input")].get("train_acc")),
+        "test_acc": metric_float(by[(m, "input")].get("test_acc")),
+    }
+    out["nc1_reduction"] = (out["nc1_first"] / out["nc1_last"]
+                            if _positive(out["nc1_first"], out["nc1_last"]) else math.nan)
+    both = [l for l in inputs if (l, "agop") in by]
+    out["agop_below_input"] = sum(nc1[(l, "agop")] < nc1[(l, "input")] for l in both)
+    with_features = [l for l in both if (l, "features") in by]
+    out["features_not_below_agop"] = sum(nc1[(l, "features")] >= nc1[(l, "agop")]
+                                         for l in with_features)
+    out["layers_with_features"] = len(with_features)
+    values = [nc1[(l, s)] for l in staged for s in ("input", "agop", "features")]
+    if staged and staged == list(range(1, m)) and _positive(*values, out["nc1_last"]):
+        lg = {k: math.log(v) for k, v in nc1.items() if _positive(v)}
+        total = lg[(1, "input")] - lg[(m, "input")]
+        steps = {
+            "agop": sum(lg[(l, "input")] - lg[(l, "agop")] for l in staged),
+            "features": sum(lg[(l, "agop")] - lg[(l, "features")] for l in staged),
+            "normalize": sum(lg[(l, "features")] - lg[(l + 1, "input")] for l in staged),
+        }
+        for k, v in steps.items():  # a share of an increase would read backwards
+            out[f"share_{k}"] = v / total if total > 0 else math.nan
+    else:
+        out.update(share_agop=math.nan, share_features=math.nan, share_normalize=math.nan)
+    return out
+
+
+def gram_summary(grams: list[tuple[int, np.ndarray, np.ndarray]],
+                 num_classes: int | None = None) -> dict[str, Any] | None:
+    """The last stored Gram matrix (Figure 2) against the collapsed one: mean same-class and
+    other-class entries (ideal 1 and −1/(K−1)) and the RMS distance. None without Grams."""
+    if not grams:
+        return None
+    layer, G, labels = grams[-1]
+    K = num_classes or len(np.unique(labels))
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    ideal = np.where(same, 1.0, -1.0 / (K - 1))
+    return {
+        "layer": layer,
+        "points": int(len(labels)),
+        "same_class_mean": float(G[same & off].mean()),
+        "other_class_mean": float(G[~same].mean()),
+        "other_class_ideal": -1.0 / (K - 1),
+        "rms_from_collapsed": float(np.sqrt(np.mean((G - ideal)[off] ** 2))),
+    }
+
+
 def summarize(rows: list[dict[str, Any]], grams: list[tuple[int, np.ndarray, np.ndarray]],
               num_classes: int) -> dict[str, Any]:
-    """Headline numbers of a finished run from its metric rows and stored Gram matrices.
-
-    The NC1 reduction of the layer inputs, log NC1(X_1) − log NC1(X_{L+1}), splits exactly
-    into three sums over layers: input → agop (M^{1/2}), agop → features (random features and
-    ReLU) and features → next input (row normalization); each ``share_*`` is one sum over the
-    total (a negative share means that step raised NC1).
-    """
-    by = {(r["layer"], r["stage"]): r for r in rows}
-    depth = max(r["layer"] for r in rows) - 1
-    first, last = by[(1, "input")], by[(depth + 1, "input")]
-    logs = {k: np.log(r["nc1"]) for k, r in by.items()}
-    total = logs[(1, "input")] - logs[(depth + 1, "input")]
-    steps = {
-        "agop": sum(logs[(l, "input")] - logs[(l, "agop")] for l in range(1, depth + 1)),
-        "features": sum(logs[(l, "agop")] - logs[(l, "features")] for l in range(1, depth + 1)),
-        "normalize": sum(logs[(l, "features")] - logs[(l + 1, "input")] for l in range(1, depth + 1)),
-    }
+    """summary.json of a finished run: :func:`headline` under the run's names, the seconds,
+    the precision fallbacks and :func:`gram_summary`."""
+    h = headline(rows)
+    depth = h["last_layer"] - 1
+    inputs = [r for r in rows if r["stage"] == "input"]
     out: dict[str, Any] = {
         "depth": depth,
-        "nc1_first_input": first["nc1"],
-        "nc1_last_input": last["nc1"],
-        "nc1_reduction": first["nc1"] / last["nc1"],
-        **{f"share_{k}": (v / total if total else None) for k, v in steps.items()},
-        "layers_agop_below_input": sum(by[(l, "agop")]["nc1"] < by[(l, "input")]["nc1"]
-                                       for l in range(1, depth + 1)),
-        "layers_features_not_below_agop": sum(by[(l, "features")]["nc1"] >= by[(l, "agop")]["nc1"]
-                                              for l in range(1, depth + 1)),
-        "nc2_first_input": first["nc2"],
-        "nc2_last_input": last["nc2"],
-        "final_train_acc": last["train_acc"],
-        "final_test_acc": last["test_acc"],
-        "layer_seconds": sum(by[(l, "input")]["seconds"] for l in range(1, depth + 2)),
-        "metric_seconds": sum(by[(l, "input")]["seconds_metrics"] for l in range(1, depth + 2)),
-        "fallbacks": [{"layer": l, "kernel_dtype": by[(l, "input")]["kernel_dtype"],
-                       "solve_dtype": by[(l, "input")]["solve_dtype"],
-                       "jitter": by[(l, "input")]["jitter"]}
-                      for l in range(1, depth + 2)
-                      if by[(l, "input")]["jitter"] or by[(l, "input")]["solve_dtype"]
-                      != by[(l, "input")]["dtype"] or by[(l, "input")]["kernel_dtype"]
-                      != by[(l, "input")]["dtype"]],
+        "nc1_first_input": h["nc1_first"],
+        "nc1_last_input": h["nc1_last"],
+        "nc1_reduction": h["nc1_reduction"],
+        **{k: h[k] for k in ("share_agop", "share_features", "share_normalize")},
+        "layers_agop_below_input": h["agop_below_input"],
+        "layers_features_not_below_agop": h["features_not_below_agop"],
+        "nc2_first_input": h["nc2_first"],
+        "nc2_last_input": h["nc2_last"],
+        "final_train_acc": h["train_acc"],
+        "final_test_acc": inputs[-1]["test_acc"],
+        "layer_seconds": sum(r["seconds"] for r in inputs),
+        "metric_seconds": sum(r["seconds_metrics"] for r in inputs),
+        "fallbacks": [{"layer": r["layer"], "kernel_dtype": r["kernel_dtype"],
+                       "solve_dtype": r["solve_dtype"], "jitter": r["jitter"]}
+                      for r in inputs if r["jitter"] or r["solve_dtype"] != r["dtype"]
+                      or r["kernel_dtype"] != r["dtype"]],
     }
-    if grams:
-        layer, G, labels = grams[-1]
-        same = labels[:, None] == labels[None, :]
-        off = ~np.eye(len(labels), dtype=bool)
-        ideal = np.where(same, 1.0, -1.0 / (num_classes - 1))
-        out["gram_last"] = {
-            "layer": layer,
-            "points": int(len(labels)),
-            "same_class_mean": float(G[same & off].mean()),
-            "other_class_mean": float(G[~same].mean()),
-            "other_class_ideal": -1.0 / (num_classes - 1),
-            "rms_from_collapsed": float(np.sqrt(np.mean((G - ideal)[off] ** 2))),
-        }
+    gram = gram_summary(grams, num_classes)
+    if gram is not None:
+        out["gram_last"] = gram
     return out
 
 

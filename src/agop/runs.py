@@ -141,6 +141,11 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
+def metric_float(v: Any) -> float:
+    """A value read from metrics.csv as a float: None, empty or text give NaN."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
 def _parse(v: str | None) -> Any:
     if v is None or v == "":
         return None
