@@ -119,7 +119,7 @@ def main() -> None:
         print(f"{name:<8} {N:>6} {D:>5} {method:>6} "
               f"{fit.seconds['agop']:>7.2f} {best:>8.2f} {best_peer:>7.2f} {best_peer / best:>5.1f}x "
               f"{flops / best / 1e9:>8.0f} {100 * flops / best / 1e9 / rate:>5.0f}% {err:>13.1e} {err_x:>8.1e}")
-        print(f"#   steps (s): " + ", ".join(f"{k} {v:.2f}" for k, v in fit.seconds.items()))
+        print("#   steps (s): " + ", ".join(f"{k} {v:.2f}" for k, v in fit.seconds.items()))
 
 
 if __name__ == "__main__":

@@ -876,7 +876,7 @@ def _figure_sections(rfm, mlp, theory, cross) -> list[str]:
     if not mlp_main:
         body["fig1"].append(_missing("No MLP run on CIFAR-10 in this report; other datasets are "
                                      "in Figure 7."))
-    for r, x, g in _order(rfm):
+    for r, _, g in _order(rfm):
         body["fig2"] += figs(r, ("gram",), _gram_caption(r, g), "Gram matrices")
     for r, x, _ in rfm_main:
         body["fig3"] += figs(r, ("collapse",), _rfm_caption(r, x), "Deep RFM NC1 and NC2")
