@@ -21,7 +21,7 @@ import torch
 from agop import datasets
 from agop.agop import agop_cost, kernel_agop, resolve_method
 from agop.kernels import LaplaceKernel, class_groups
-from agop.rfm import apply_layer, fit_layer, normalize_rows, random_weights
+from agop.models.deep_rfm import apply_layer, fit_layer, normalize_rows, random_weights
 from agop.solve import kernel_ridge, signed_one_hot
 
 

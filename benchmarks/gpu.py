@@ -39,8 +39,8 @@ from agop import datasets
 from agop.agop import kernel_agop
 from agop.backend import fp32_matmul, strict_fp32, synchronize
 from agop.kernels import LaplaceKernel, class_groups
-from agop.rfm import DeepRFM, apply_layer, fit_layer, normalize_rows, random_weights
-from agop.runs import atomic_write_json, read_csv, read_json
+from agop.models.deep_rfm import DeepRFM, apply_layer, fit_layer, normalize_rows, random_weights
+from agop.experiments.records import atomic_write_json, read_csv, read_json
 from agop.solve import signed_one_hot
 
 RESULTS: dict = {}

@@ -1,4 +1,4 @@
-"""Tests of agop.nets: the MLP, layer_agops, the probes, training, resume and `agop mlp`."""
+"""Tests of agop.models.mlp: the MLP, layer_agops, the probes, training, resume and `agop mlp`."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from agop import collapse
 from agop.agop import model_agop
 from agop.cli import main
 from agop.linalg import psd_power
-from agop.nets import (MLP, PRESETS, Trainer, correlation, layer_agops, layer_stages,
+from agop.models.mlp import (MLP, PRESETS, Trainer, correlation, layer_agops, layer_stages,
                        measurement_epochs, probe, run_mlp, train)
-from agop.runs import read_csv
+from agop.experiments.records import read_csv
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

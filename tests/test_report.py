@@ -13,7 +13,7 @@ import pytest
 
 from agop import report
 from agop.cli import main
-from agop.runs import RunDir
+from agop.experiments.records import RunDir
 
 
 # ----------------------------------------------------------------------------- synthetic runs
@@ -234,13 +234,13 @@ def test_report_command_on_existing_runs(tiny, tmp_path):
 
 
 def test_reproduce_resumes_after_an_interruption(tmp_path, monkeypatch):
-    import agop.nets
-    import agop.rfm
+    import agop.models.mlp
+    import agop.experiments.rfm
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(agop.nets, "run_mlp", interrupted)
+    monkeypatch.setattr(agop.models.mlp, "run_mlp", interrupted)
     kw = dict(scale="tiny", datasets=["digits"], data_dir=tmp_path / "data", progress=False)
     with pytest.raises(KeyboardInterrupt):
         report.reproduce(tmp_path / "out", **kw)
@@ -253,7 +253,7 @@ def test_reproduce_resumes_after_an_interruption(tmp_path, monkeypatch):
         raise AssertionError("a finished run was started again")
 
     monkeypatch.undo()  # run_mlp works again
-    monkeypatch.setattr(agop.rfm, "run_rfm", must_not_run)
+    monkeypatch.setattr(agop.experiments.rfm, "run_rfm", must_not_run)
     report.reproduce(tmp_path / "out", **kw)
     assert (done / "summary.json").stat().st_mtime_ns == stamp
     timings = json.loads((tmp_path / "out" / "timings.json").read_text())
@@ -264,13 +264,13 @@ def test_reproduce_resumes_after_an_interruption(tmp_path, monkeypatch):
     mlp = tmp_path / "out" / "runs" / "mlp-digits"
     (mlp / "summary.json").unlink()
     calls = []
-    real = agop.nets.run_mlp
+    real = agop.models.mlp.run_mlp
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(agop.nets, "run_mlp", spy)
+    monkeypatch.setattr(agop.models.mlp, "run_mlp", spy)
     report.reproduce(tmp_path / "out", **kw)
     assert [Path(c["resume"]) for c in calls] == [mlp] and RunDir.resume(mlp).is_complete
 

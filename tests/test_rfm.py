@@ -15,9 +15,10 @@ from agop.agop import kernel_agop
 from agop.cli import main
 from agop.kernels import LaplaceKernel, class_groups
 from agop.linalg import psd_power
-from agop.rfm import (DeepRFM, apply_layer, kernel_matrix, layer_memory,
-                      normalize_rows, random_weights, run_rfm)
-from agop.runs import read_csv, read_json
+from agop.experiments.records import read_csv, read_json
+from agop.experiments.rfm import run_rfm
+from agop.models.deep_rfm import (DeepRFM, apply_layer, kernel_matrix, layer_memory,
+                                  normalize_rows, random_weights)
 from agop.solve import kernel_ridge
 
 METRICS = ("nc1", "nc2", "nc1_authors", "nc1_pinv", "cdnv", "nc2_squared", "nc2_orthogonal",
@@ -345,7 +346,7 @@ def test_cli_help_defaults_match_run_rfm():
     from agop.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["rfm"]
-    from agop.rfm import RFM_DEFAULTS
+    from agop.experiments.rfm import RFM_DEFAULTS
 
     helps = {a.dest: a.help for a in sub._actions}
     for name, param in inspect.signature(run_rfm).parameters.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from agop.runs import (RunDir, atomic_write_json, atomic_write_text, default_run_dir, read_csv,
+from agop.experiments.records import (RunDir, atomic_write_json, atomic_write_text, default_run_dir, read_csv,
                        read_json, write_csv)
 
 

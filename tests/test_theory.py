@@ -14,7 +14,7 @@ from scipy.spatial import distance
 from agop import theory as th
 from agop.kernels import LaplaceKernel
 from agop.linalg import psd_power
-from agop.runs import read_csv
+from agop.experiments.records import read_csv
 
 SQRT_HALF = 1 / math.sqrt(2)
 

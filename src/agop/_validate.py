@@ -7,6 +7,7 @@ number. Functions here accept numpy arrays and torch tensors alike.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -176,3 +177,14 @@ def check_int(value: int, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}; got {value}")
     return int(value)
+
+
+def metric_float(v: Any) -> float:
+    """A metric value as a float: None, empty, text or a bool give NaN (a number read from a
+    record, or an undefined metric)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def finite_positive(*values: float) -> bool:
+    """True when every value is a finite number > 0 (a ratio or a logarithm of them is defined)."""
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)

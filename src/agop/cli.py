@@ -86,7 +86,7 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_rfm(args: argparse.Namespace) -> int:
-    from agop.rfm import run_rfm, summary_text
+    from agop.experiments.rfm import run_rfm, summary_text
 
     run = run_rfm(out=args.out, resume=args.resume, progress=args.progress,
                   **_settings(args, run_rfm))
@@ -124,7 +124,7 @@ def _add_mlp(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_mlp(args: argparse.Namespace) -> int:
-    from agop.nets import run_mlp
+    from agop.models.mlp import run_mlp
 
     rd = run_mlp(out=args.out, resume=args.resume, progress=args.progress,
                  **_settings(args, run_mlp))

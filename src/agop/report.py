@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from agop import __version__
-from agop.runs import metric_float
+from agop.experiments.records import metric_float
 
 __all__ = ["SCALES", "PAPER_DATASETS", "build_report", "mlp_numbers", "plan", "reproduce",
            "rfm_numbers", "theory_numbers"]
@@ -156,7 +156,7 @@ def plan(scale: str = "quick", datasets: Sequence[str] | None = None,
 # ============================================================================ reproduce
 def _existing_state(path: Path, exp: Experiment) -> str:
     """"new", "partial" or "complete" for the run folder of ``exp``; ValueError if it conflicts."""
-    from agop.runs import CONFIG, RunDir
+    from agop.experiments.records import CONFIG, RunDir
 
     if not (path / CONFIG).is_file():
         return "new"
@@ -178,7 +178,7 @@ def _run_one(exp: Experiment, path: Path, state: str, *, device: str, data_dir: 
     """Start, continue or (theory, which has no resume) restart one experiment in ``path``."""
     data = None if data_dir is None else str(data_dir)
     if exp.kind == "rfm":
-        from agop.rfm import run_rfm
+        from agop.experiments.rfm import run_rfm
 
         if state == "partial":
             run_rfm(resume=path, progress=progress, pdf=pdf, data_dir=data)
@@ -186,7 +186,7 @@ def _run_one(exp: Experiment, path: Path, state: str, *, device: str, data_dir: 
             run_rfm(out=path, progress=progress, pdf=pdf, device=device, data_dir=data,
                     **exp.settings)
     elif exp.kind == "mlp":
-        from agop.nets import run_mlp
+        from agop.models.mlp import run_mlp
 
         if state == "partial":
             run_mlp(resume=path, progress=progress, device=device, data_dir=data, pdf=pdf)
@@ -217,7 +217,7 @@ def reproduce(out: Any, scale: str = "quick", datasets: Sequence[str] | None = N
     """
     from tqdm.auto import tqdm
 
-    from agop.runs import atomic_write_json, read_json
+    from agop.experiments.records import atomic_write_json, read_json
 
     experiments, skipped = plan(scale, datasets, data_dir)
     out = Path(out)
@@ -294,7 +294,7 @@ class Run:
 
 def load_run(path: Any) -> Run:
     """Read a run folder; ValueError if it is not one (no config.json, unknown kind)."""
-    from agop.runs import CONFIG, FIGURES, METRICS, read_csv, read_json
+    from agop.experiments.records import CONFIG, FIGURES, METRICS, read_csv, read_json
 
     path = Path(path)
     if not path.is_dir():
@@ -320,15 +320,15 @@ def _ok(*values: float) -> bool:
 
 
 def rfm_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Headline numbers of a Deep RFM run, finished or not: :func:`agop.rfm.headline`."""
-    from agop.rfm import headline
+    """Headline numbers of a Deep RFM run, finished or not: :func:`agop.experiments.rfm.headline`."""
+    from agop.experiments.rfm import headline
 
     return headline(rows)
 
 
 def gram_numbers(path: Path, num_classes: int | None) -> dict[str, Any] | None:
-    """The last stored Gram matrix of a run against the collapsed one (:func:`agop.rfm.gram_summary`)."""
-    from agop.rfm import gram_summary, load_grams
+    """The last stored Gram matrix of a run against the collapsed one (:func:`agop.experiments.rfm.gram_summary`)."""
+    from agop.experiments.rfm import gram_summary, load_grams
 
     return gram_summary(load_grams(path), num_classes)
 
@@ -662,7 +662,7 @@ def _settings_text(run: Run) -> str:
 def _seconds(run: Run, timings: dict[str, float]) -> float:
     """Active seconds: from ``timings``, else the timings.json of the reproduce folder holding
     the run (``DIR/runs/<name>``), else Deep RFM's own layer and metric seconds, else NaN."""
-    from agop.runs import read_json
+    from agop.experiments.records import read_json
 
     if run.name in timings:
         return float(timings[run.name])
@@ -690,7 +690,7 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
     ``skipped``, ``timings`` (seconds per run name) and ``notes`` (per run name) come from
     :func:`reproduce`. Returns the path of the HTML page.
     """
-    from agop.runs import atomic_write_json, atomic_write_text
+    from agop.experiments.records import atomic_write_json, atomic_write_text
 
     runs = [load_run(p) for p in run_dirs]
     if not runs:
@@ -763,7 +763,7 @@ def _run_record(run: Run, timings: dict[str, float], notes: dict[str, str]) -> d
 
 def _cross_figures(rfm, mlp, figures_dir: Path, pdf: bool) -> dict[str, Path]:
     """Cross-dataset figures (only when there are runs to compare)."""
-    from agop import figures
+    from agop.experiments import figures
 
     out = {}
     if rfm:

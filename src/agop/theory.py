@@ -522,8 +522,8 @@ def _z_scores(estimate, se, truth) -> np.ndarray:
 
 
 def _proposition_rows(run, seed: int, pdf: bool) -> tuple[list[dict], dict]:
-    from agop import figures
-    from agop.runs import write_csv
+    from agop.experiments import figures
+    from agop.experiments.records import write_csv
 
     dist = np.linspace(0.0, 2.0, 41)
     sim = simulate_relu_features(dist, D=4096, trials=64, seed=seed)
@@ -574,8 +574,8 @@ def _proposition_rows(run, seed: int, pdf: bool) -> tuple[list[dict], dict]:
 
 
 def _contraction_rows(run, seed: int, pdf: bool) -> tuple[list[dict], dict]:
-    from agop import figures
-    from agop.runs import write_csv
+    from agop.experiments import figures
+    from agop.experiments.records import write_csv
 
     n, d, depth = 32, 64, 12
     rng = np.random.default_rng(seed)
@@ -648,8 +648,8 @@ def _load_two_classes(data_dir, per_class: int = 200):
 
 
 def _krr_rows(run, seed: int, data_dir, pdf: bool) -> tuple[list[dict], dict]:
-    from agop import figures
-    from agop.runs import write_csv
+    from agop.experiments import figures
+    from agop.experiments.records import write_csv
 
     X, y, dataset, per_class = _load_two_classes(data_dir)
     data_kernels = rfm_kernels(X, y)
@@ -728,7 +728,7 @@ def run_theory(out=None, progress: bool = True, *, data_dir=None, seed: int = 0,
     points of MNIST classes 0 and 1 under ``data_dir`` (else ``$AGOP_DATA``), falling back to
     scikit-learn's digits (140 per class) when MNIST is not found. Returns the RunDir.
     """
-    from agop.runs import RunDir, default_run_dir, write_csv
+    from agop.experiments.records import RunDir, default_run_dir, write_csv
 
     seed = check_int(seed, "seed", minimum=0)
     path = Path(out) if out is not None else default_run_dir("theory")

@@ -646,7 +646,7 @@ def _summary(rows: list[dict[str, Any]], s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _figures(rd, rows: list[dict[str, Any]], s: dict[str, Any], pdf: bool = False) -> None:
-    from agop import figures
+    from agop.experiments import figures
 
     where = (f"{s['dataset']}, N = {rd.config['data']['n_train']}, {s['preset']} preset, "
              f"lr {s['lr']:g}, init gain {s['init_scale']:g}")
@@ -672,7 +672,7 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
     preset (see :data:`PRESETS`). The seed draws the weights and then, from the same CPU
     generator, the order of every epoch.
 
-    Writes a :class:`agop.runs.RunDir` (``out``, default ``runs/mlp-<time>``): config.json,
+    Writes a :class:`agop.experiments.records.RunDir` (``out``, default ``runs/mlp-<time>``): config.json,
     metrics.csv (one row per measured epoch, layer and stage; see :func:`probe`), checkpoint.pt
     after every measurement, figures/ and summary.json at the end.
 
@@ -680,7 +680,7 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
     the numbers of an uninterrupted run. Settings given with ``resume`` must equal the stored
     ones, except ``epochs``, which may be raised to train a finished run further.
     """
-    from agop.runs import RunDir, default_run_dir
+    from agop.experiments.records import RunDir, default_run_dir
 
     given = {"dataset": dataset, "n": n, "test_n": test_n, "epochs": epochs,
              "measure_every": measure_every, "lr": lr, "init_scale": init_scale,

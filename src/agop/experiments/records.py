@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from agop import __version__
+from agop._validate import metric_float  # noqa: F401  (records read metrics with it)
 
 CONFIG = "config.json"
 METRICS = "metrics.csv"
@@ -139,11 +140,6 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a metrics CSV; numeric fields become int/float, empty fields None."""
     with open(path, newline="", encoding="utf-8") as fh:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def metric_float(v: Any) -> float:
-    """A value read from metrics.csv as a float: None, empty or text give NaN."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 def _parse(v: str | None) -> Any:
