@@ -41,6 +41,7 @@ from agop.backend import fp32_matmul, strict_fp32, synchronize
 from agop.kernels import LaplaceKernel, class_groups
 from agop.models.deep_rfm import DeepRFM, apply_layer, fit_layer, normalize_rows, random_weights
 from agop.experiments.records import atomic_write_json, read_csv, read_json
+from agop.experiments.rfm import measure_fit
 from agop.solve import signed_one_hot
 
 RESULTS: dict = {}
@@ -191,8 +192,8 @@ def gpu_vs_cpu(data: str, n: int, depth: int, device: torch.device) -> dict:
     ds = datasets.load("mnist", n=n, root=data)
     out = {}
     for dev in ("cpu", str(device)):
-        m = DeepRFM(depth=depth, device=dev).fit(ds.X, ds.y)
-        out[dev] = [r["nc1"] for r in m.history_ if r["stage"] == "input"]
+        rows = measure_fit(DeepRFM(depth=depth, device=dev), ds.X, ds.y)
+        out[dev] = [r["nc1"] for r in rows if r["stage"] == "input"]
     a, b = np.array(out["cpu"]), np.array(out[str(device)])
     out["max_rel_diff"] = float(np.max(np.abs(b / a - 1)))
     return out

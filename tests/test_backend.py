@@ -20,11 +20,14 @@ def test_resolve_device():
 
 
 def test_dtypes():
-    assert backend.parse_dtype("auto", torch.device("cpu")) == torch.float32
-    assert backend.parse_dtype("float64", torch.device("cpu")) == torch.float64
+    assert backend.default_dtype() == torch.float32  # the policy: one dtype on every device
+    assert backend.parse_dtype("auto") == backend.parse_dtype(None) == torch.float32
+    assert backend.parse_dtype("float64") == backend.parse_dtype(torch.float64) == torch.float64
     assert backend.dtype_name(torch.float64) == "float64"
     with pytest.raises(ValueError, match="dtype"):
-        backend.parse_dtype("float16", torch.device("cpu"))
+        backend.parse_dtype("float16")
+    with pytest.raises(ValueError, match="dtype"):
+        backend.parse_dtype(torch.float16)
     assert backend.float64_slowdown("cpu") == 2.0
 
 

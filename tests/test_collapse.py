@@ -461,3 +461,242 @@ def test_non_strict_gives_nan_for_undefined_metrics_only():
     acc.update(H, y)
     streamed = acc.compute(strict=False)
     assert np.isnan(streamed["nc2_orthogonal"]) and streamed["nc1"] == pytest.approx(values["nc1"])
+
+
+# --- merging, public state, all_reduce ----------------------------------------------------
+
+
+def assert_same_statistics(got: CollapseAccumulator, want: CollapseAccumulator, rtol=1e-12):
+    """Equal counts; class means, sums of squares and scatter equal to ``rtol`` of their scale."""
+    np.testing.assert_array_equal(got.class_counts, want.class_counts)
+    g, w = got.state(), want.state()
+    assert g.keys() == w.keys()
+    np.testing.assert_allclose(got.class_means, want.class_means, rtol=rtol,
+                               atol=rtol * np.abs(want.class_means).max())
+    for key in ("sum_squares", "scatter"):
+        if key in w:
+            a, b = g[key].cpu().numpy(), w[key].cpu().numpy()
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=key)
+
+
+def fed(H, y, K, rows_per_batch, pinv=True) -> CollapseAccumulator:
+    acc = CollapseAccumulator(K, H.shape[1], pinv=pinv)
+    for rows in rows_per_batch:
+        acc.update(H[rows], y[rows])
+    return acc
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 9), min_size=2, max_size=5),
+    D=st.integers(1, 6),
+    share=st.floats(0, 1),
+    absent=st.integers(0, 4),
+    batches=st.integers(1, 3),
+    pinv=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_merged_halves_equal_one_accumulator_fed_everything(counts, D, share, absent, batches,
+                                                            pinv, seed):
+    rng = np.random.default_rng(seed)
+    K = len(counts)
+    H, y = random_data(counts, D, rng)
+    in_a = rng.random(len(y)) < share  # a random split, possibly empty or lopsided
+    in_a[y == absent % K] = False  # one class (at least) is absent from half a
+    a, b = (fed(H, y, K, np.array_split(np.flatnonzero(m), batches), pinv) for m in (in_a, ~in_a))
+    full = fed(H, y, K, [np.arange(len(y))], pinv)
+    before_b = b.state()
+    ab = CollapseAccumulator.from_state(a.state()).merge(b)
+    ba = CollapseAccumulator.from_state(b.state()).merge(a)
+    for merged in (ab, ba):
+        assert_same_statistics(merged, full)
+    for k, v in b.state().items():  # the argument of merge is left as it was
+        assert torch.equal(v, before_b[k]), k
+    expected = measure(H, y)
+    if not pinv:
+        del expected["nc1_pinv"]
+    assert_dicts_close(ab.compute(), expected, rtol=1e-10)
+
+
+def test_merge_keeps_a_tiny_nc1_exact():
+    # Spread 1e-7 around means of norm 1e3 (NC1 ~ 1e-20), split over three accumulators whose
+    # shifts differ: the merge must work relative to the shifts, as update does.
+    rng = np.random.default_rng(21)
+    K, D, counts = 3, 4, [9, 14, 7]
+    y = labels_from_counts(counts, rng)
+    means = rng.normal(size=(K, D))
+    means *= 1e3 / np.linalg.norm(means, axis=1, keepdims=True)
+    H = means[y] + 1e-7 * rng.normal(size=(len(y), D))
+    nc1_exact, cdnv_exact = exact_nc1_and_cdnv(H, y, K)
+    part = rng.integers(0, 3, size=len(y))
+    accs = [fed(H, y, K, [np.flatnonzero(part == r)]) for r in range(3)]
+    merged = accs[2].merge(accs[0]).merge(accs[1])
+    got = merged.compute()
+    assert got["nc1"] == pytest.approx(nc1_exact, rel=1e-10)
+    assert got["cdnv"] == pytest.approx(cdnv_exact, rel=1e-10)
+    assert_dicts_close(got, measure(H, y), rtol=1e-10)
+
+
+def test_merging_an_empty_accumulator_or_itself():
+    rng = np.random.default_rng(22)
+    H, y = random_data([4, 5, 3], 3, rng)
+    acc = fed(H, y, 3, [np.arange(len(y))])
+    expected = acc.compute()
+    assert acc.merge(CollapseAccumulator(3, 3)) is acc
+    assert acc.compute() == expected
+    empty = CollapseAccumulator(3, 3).merge(acc)
+    assert empty.compute() == expected  # copied exactly into an empty accumulator
+    twice = fed(np.concatenate([H, H]), np.concatenate([y, y]), 3, [np.arange(2 * len(y))])
+    assert_same_statistics(acc.merge(acc), twice)  # every sample counted twice
+
+
+def test_merge_refuses_accumulators_of_another_shape():
+    acc = CollapseAccumulator(3, 4)
+    for other in (CollapseAccumulator(4, 4), CollapseAccumulator(3, 5),
+                  CollapseAccumulator(3, 4, pinv=False)):
+        with pytest.raises(ValueError, match=r"cannot merge .* \(num_classes, dim, pinv\)"):
+            acc.merge(other)
+    with pytest.raises(ValueError, match="can only merge a CollapseAccumulator"):
+        acc.merge({"counts": np.ones(3)})
+
+
+def test_state_is_public_float64_and_round_trips():
+    rng = np.random.default_rng(23)
+    H, y = random_data([4, 6, 5], 5, rng)
+    acc = fed(H, y, 3, [np.arange(7), np.arange(7, len(y))])
+    state = acc.state()
+    assert list(state) == ["counts", "shifts", "shifted_means", "sum_squares", "scatter"]
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes == {"counts": (3,), "shifts": (3, 5), "shifted_means": (3, 5),
+                      "sum_squares": (3,), "scatter": (5, 5)}
+    assert all(v.dtype == torch.float64 for v in state.values())
+    np.testing.assert_array_equal(state["counts"].numpy(), [4, 6, 5])
+    np.testing.assert_allclose((state["shifts"] + state["shifted_means"]).numpy(),
+                               np.stack([H[y == c].mean(0) for c in range(3)]), rtol=1e-13)
+    ss = [np.sum((H[y == c] - H[y == c].mean(0)) ** 2) for c in range(3)]
+    np.testing.assert_allclose(state["sum_squares"].numpy(), ss, rtol=1e-12)
+    R = H - np.stack([H[y == c].mean(0) for c in range(3)])[y]
+    np.testing.assert_allclose(state["scatter"].numpy(), R.T @ R, rtol=1e-12, atol=1e-12)
+    state["counts"][0] = 99  # a copy: the accumulator is not changed through it
+    assert acc.class_counts[0] == 4
+
+    back = CollapseAccumulator.from_state(acc.state())
+    assert (back.num_classes, back.dim, back.pinv) == (3, 5, True)
+    assert back.compute() == acc.compute()
+    # plain statistics (no shifts: shifted_means are then the class means), numpy, no scatter
+    plain = {"counts": np.array([4, 6, 5]), "shifted_means": acc.class_means,
+             "sum_squares": np.array(ss)}
+    light = CollapseAccumulator.from_state(plain)
+    assert light.pinv is False
+    expected = measure(H, y)
+    del expected["nc1_pinv"]
+    assert_dicts_close(light.compute(), expected, rtol=1e-12)
+    assert CollapseAccumulator(3, 5).state()["counts"].sum() == 0  # nothing seen: zeros
+
+
+def test_from_state_rejects_bad_statistics():
+    good = {"counts": np.array([2.0, 3.0]), "shifted_means": np.zeros((2, 3)),
+            "sum_squares": np.ones(2)}
+    cases = [
+        ({"counts": good["counts"]}, "lacks"),
+        ({**good, "means": np.zeros((2, 3))}, "unknown key"),
+        ({**good, "counts": np.array([2.0, 3.0, 1.0])}, r"state\['counts'\] has shape"),
+        ({**good, "scatter": np.eye(2)}, r"state\['scatter'\] has shape \(2, 2\).*\(3, 3\)"),
+        ({**good, "counts": np.array([2.5, 3.0])}, "non-negative integers"),
+        ({**good, "counts": np.array([-1.0, 3.0])}, "non-negative integers"),
+        ({**good, "sum_squares": np.array([1.0, np.nan])}, "NaN or inf"),
+        ({**good, "shifted_means": np.zeros(3)}, "must be K × D"),
+    ]
+    for state, message in cases:
+        with pytest.raises(ValueError, match=message):
+            CollapseAccumulator.from_state(state)
+
+
+def test_all_reduce_without_torch_distributed_is_a_no_op():
+    assert not torch.distributed.is_initialized()
+    rng = np.random.default_rng(24)
+    H, y = random_data([3, 4], 2, rng)
+    acc = fed(H, y, 2, [np.arange(len(y))])
+    before = acc.state()
+    assert acc.all_reduce() is acc
+    for k, v in acc.state().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _distributed_data():
+    """The data of the all_reduce test and each rank's rows (class 3 only on rank 1)."""
+    rng = np.random.default_rng(25)
+    H, y = random_data([6, 2, 5, 4], 3, rng)
+    on_0 = (rng.random(len(y)) < 0.6) & (y != 3)
+    return H, y, [np.flatnonzero(on_0), np.flatnonzero(~on_0)]
+
+
+def _all_reduce_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of test_all_reduce_over_gloo: feed its rows, all_reduce, save the states."""
+    import datetime
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        H, y, rows = _distributed_data()
+        acc = fed(H, y, 4, np.array_split(rows[rank], 2))
+        assert acc.all_reduce() is acc
+        only_rank_0 = fed(H, y, 4, [np.arange(len(y))] if rank == 0 else [], pinv=False)
+        only_rank_0.all_reduce()
+        nobody = CollapseAccumulator(4, 3)
+        nobody.all_reduce()  # no rank has data: still no data, no error
+        assert nobody.count == 0
+        try:
+            CollapseAccumulator(3 + rank, 3).all_reduce()
+            mismatch = "no error"
+        except ValueError as e:
+            mismatch = str(e)
+        torch.save({"acc": acc.state(), "only_rank_0": only_rank_0.state(),
+                    "mismatch": mismatch}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_reduce_over_gloo_gives_every_rank_the_merged_statistics(tmp_path):
+    import socket
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_all_reduce_worker, args=(r, 2, port, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, "a rank did not finish within 120 s"
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    H, y, _ = _distributed_data()
+    full = fed(H, y, 4, [np.arange(len(y))])
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("acc", "only_rank_0"):
+        for k, v in results[0][key].items():  # identical on every rank, bit for bit
+            assert torch.equal(v, results[1][key][k]), (key, k)
+    merged = CollapseAccumulator.from_state(results[0]["acc"])
+    assert_same_statistics(merged, full)
+    assert_dicts_close(merged.compute(), measure(H, y), rtol=1e-10)
+    only = CollapseAccumulator.from_state(results[0]["only_rank_0"])
+    assert only.pinv is False
+    expected = measure(H, y)
+    del expected["nc1_pinv"]
+    assert_dicts_close(only.compute(), expected, rtol=1e-12)
+    for r in range(2):
+        assert "all ranks must agree" in results[r]["mismatch"], results[r]["mismatch"]

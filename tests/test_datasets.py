@@ -16,7 +16,7 @@ import pytest
 import scipy.io
 
 from agop import datasets
-from agop.datasets import DatasetNotFoundError, UnsafePickleError, describe, load
+from agop.datasets import DatasetNotFoundError, UnsafePickleError, describe, load, load_labels
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -423,3 +423,139 @@ def test_count_reads_sizes_from_headers(data_root, tmp_path):
     assert datasets.count("svhn", "train", tmp_path) is None  # absent, not an error
     with pytest.raises(ValueError, match="split"):
         datasets.count("mnist", "val", data_root)
+
+
+# ----------------------------------------------------------------------------- row ranges
+def _idx_root(tmp_path: Path, gz: bool, n: int = 60, seed: int = 5) -> tuple[Path, np.ndarray]:
+    images, _ = small_mnist(n=n, seed=seed)
+    labels = np.random.default_rng(seed).permutation(np.arange(n) % 10)  # every class present
+    write_idx(tmp_path / "mnist", "train", images, labels, gz=gz)
+    return tmp_path, labels
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_rows_are_the_slice_of_the_selection(tmp_path, gz):
+    root, labels = _idx_root(tmp_path, gz)
+    full = load("mnist", root=root)
+    for n, rows in [(None, (0, 60)), (None, (17, 18)), (None, (59, 60)), (40, (0, 40)),
+                    (40, (13, 29)), (1, (0, 1))]:
+        ref = full.X[:n][rows[0]:rows[1]], full.y[:n][rows[0]:rows[1]]
+        part = load("mnist", n=n, rows=rows, root=root)
+        np.testing.assert_array_equal(part.X, ref[0])
+        np.testing.assert_array_equal(part.y, ref[1])
+        assert part.rows == rows and part.X.dtype == np.float32 and part.y.dtype == np.int64
+        np.testing.assert_array_equal(load_labels("mnist", n=n, rows=rows, root=root), ref[1])
+    balanced = load("mnist", n=20, balanced=True, root=root)
+    part = load("mnist", n=20, balanced=True, rows=(5, 12), root=root)
+    np.testing.assert_array_equal(part.X, balanced.X[5:12])
+    np.testing.assert_array_equal(part.y, balanced.y[5:12])
+    assert repr(part).endswith(", rows=(5, 12))") and "rows=" not in repr(balanced)
+
+
+def test_ranks_rows_concatenate_to_the_single_process_load(tmp_path):
+    from agop.distributed import row_range
+
+    root, _ = _idx_root(tmp_path, gz=True, n=37)
+    full = load("mnist", n=31, root=root)
+    for world in (1, 2, 3, 4):
+        parts = [load("mnist", n=31, root=root, rows=row_range(31, r, world))
+                 for r in range(world)]
+        np.testing.assert_array_equal(np.concatenate([p.X for p in parts]), full.X)
+        np.testing.assert_array_equal(np.concatenate([p.y for p in parts]), full.y)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_rows_read_only_their_span_and_labels_read_no_pixels(tmp_path, monkeypatch, gz):
+    root, labels = _idx_root(tmp_path, gz)
+    calls = []
+    real = datasets._read_maybe_gzip
+
+    def spy(path, nbytes=None, offset=0):
+        calls.append((Path(path).name, nbytes, offset))
+        return real(path, nbytes, offset)
+
+    monkeypatch.setattr(datasets, "_read_maybe_gzip", spy)
+    load("mnist", rows=(10, 14), root=root)
+    image = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    assert [c for c in calls if c[0] == image] == [(image, 16, 0), (image, 4 * 784, 16 + 10 * 784)]
+    calls.clear()
+    np.testing.assert_array_equal(load_labels("mnist", root=root), labels)
+    assert [c for c in calls if c[0] == image] == [(image, 16, 0)]  # the header only
+
+
+def test_idx_rows_still_refuse_a_truncated_images_file(tmp_path):
+    for gz in (False, True):
+        root, _ = _idx_root(tmp_path / str(gz), gz)
+        img = root / "mnist" / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+        img.write_bytes(img.read_bytes()[:-100])
+        with pytest.raises(ValueError, match="truncated"):
+            load("mnist", rows=(0, 2), root=root)
+
+
+def test_cifar_rows_stop_at_the_last_batch_needed(tmp_path):
+    folder = cifar_folder(tmp_path)
+    batches = [legit_batch(4, seed=s) for s in (1, 2)]
+    for i, b in enumerate(batches, start=1):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(b, protocol=4))
+    full = load("cifar10", root=tmp_path)
+    assert len(full) == 8
+    for n, rows in [(None, (2, 7)), (None, (4, 8)), (6, (1, 6)), (8, (0, 3))]:
+        part = load("cifar10", n=n, rows=rows, root=tmp_path)
+        np.testing.assert_array_equal(part.X, full.X[:n][rows[0]:rows[1]])
+        np.testing.assert_array_equal(part.y, full.y[:n][rows[0]:rows[1]])
+    np.testing.assert_array_equal(load_labels("cifar10", root=tmp_path), full.y)
+    # A damaged third batch is never opened for rows that end in the first two.
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    np.testing.assert_array_equal(load("cifar10", rows=(3, 6), root=tmp_path).X, full.X[3:6])
+    np.testing.assert_array_equal(load_labels("cifar10", n=5, root=tmp_path), full.y[:5])
+    with pytest.raises(ValueError, match="data_batch_3"):
+        load("cifar10", rows=(3, 9), root=tmp_path)
+
+
+def test_svhn_and_digits_rows_and_labels(tmp_path):
+    rng = np.random.default_rng(4)
+    X = rng.integers(0, 256, size=(32, 32, 3, 7), dtype=np.uint8)
+    y = rng.integers(1, 11, size=(7, 1)).astype(np.uint8)
+    (tmp_path / "svhn").mkdir()
+    scipy.io.savemat(tmp_path / "svhn" / "train_32x32.mat", {"X": X, "y": y})
+    full = load("svhn", root=tmp_path)
+    part = load("svhn", rows=(2, 5), root=tmp_path)
+    np.testing.assert_array_equal(part.X, full.X[2:5])
+    np.testing.assert_array_equal(part.y, full.y[2:5])
+    np.testing.assert_array_equal(load_labels("svhn", root=tmp_path), y.reshape(-1) % 10)
+
+    digits = load("digits", "test")
+    np.testing.assert_array_equal(load("digits", "test", n=200, rows=(150, 200)).X,
+                                  digits.X[150:200])
+    np.testing.assert_array_equal(load_labels("digits", "test"), digits.y)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rows=(5, 5)), r"rows = \(5, 5\) is not a range of rows; need 0 ≤ start < stop$"),
+    (dict(rows=(3, 2)), r"rows = \(3, 2\) is not a range"),
+    (dict(rows=(-1, 2)), r"rows = \(-1, 2\) is not a range"),
+    (dict(rows=(0, 1.5)), r"rows must be a \(start, stop\) pair of integers; got \(0, 1.5\)"),
+    (dict(rows=(0, 1, 2)), "rows must be a .start, stop. pair"),
+    (dict(rows="0:5"), "rows must be a .start, stop. pair"),
+    (dict(rows=(True, 3)), "rows must be a .start, stop. pair"),
+    (dict(rows=(0, 1501)), r"rows = \(0, 1501\) but only 1,500 points are selected from digits "
+                           r"train; need 0 ≤ start < stop ≤ 1500$"),
+    (dict(n=100, rows=(90, 101)), r"only 100 points are selected"),
+    (dict(n=100, balanced=True, rows=(0, 101)), r"only 100 points are selected"),
+])
+def test_bad_rows_are_one_line_errors(kwargs, message):
+    for fn in (load, load_labels):
+        with pytest.raises(ValueError, match=message) as info:
+            fn("digits", **kwargs)
+        assert "\n" not in str(info.value)
+
+
+def test_real_mnist_and_cifar_rows(data_root, mnist_train):
+    part = load("mnist", rows=(59_990, 60_000), root=data_root)
+    np.testing.assert_array_equal(part.X, mnist_train.X[59_990:])
+    np.testing.assert_array_equal(load_labels("mnist", root=data_root), mnist_train.y)
+    np.testing.assert_array_equal(load_labels("mnist", n=5000, rows=(2500, 5000),
+                                              root=data_root), mnist_train.y[2500:5000])
+    cifar = load("cifar10", n=3000, rows=(1000, 3000), root=data_root)
+    assert cifar.y[:3].tolist() == load_labels("cifar10", root=data_root)[1000:1003].tolist()
+    np.testing.assert_array_equal(cifar.X, load("cifar10", n=3000, root=data_root).X[1000:])

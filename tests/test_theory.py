@@ -1,8 +1,7 @@
-"""Tests for agop.theory: Proposition 5.1, Theorems 5.4 and 5.5, and ``agop theory``."""
+"""Tests for agop.theory: Proposition 5.1, Theorems 5.4 and 5.5."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -14,7 +13,6 @@ from scipy.spatial import distance
 from agop import theory as th
 from agop.kernels import LaplaceKernel
 from agop.linalg import psd_power
-from agop.experiments.records import read_csv
 
 SQRT_HALF = 1 / math.sqrt(2)
 
@@ -421,43 +419,21 @@ def test_rfm_kernel_gets_closer_than_laplace_on_digits():
         th.rfm_kernels(np.zeros((4, 3)), pm1(4))
 
 
-# ============================================================================ agop theory
-def _check_run(path, dataset):
-    rows = read_csv(path / "theory.csv")
-    assert len(rows) >= 20
-    failed = [r["check"] for r in rows if r["passed"] != "True"]
-    assert not failed, failed
-    for name in ("figure4_relu_distance", "theorem54_contraction", "theorem55_bound"):
-        assert (path / "figures" / f"{name}.png").stat().st_size > 10_000
-    summary = json.loads((path / "summary.json").read_text())
-    assert summary["complete"] and summary["failed"] == [] and summary["krr_dataset"] == dataset
-    assert summary["relu_ratio_at_2"] == pytest.approx(SQRT_HALF)
-    config = json.loads((path / "config.json").read_text())
-    assert config["kind"] == "theory" and config["settings"]["seed"] == 0
-    for ratio_rfm, ratio_plain in zip(summary["krr_ratio_rfm"].values(),
-                                      summary["krr_ratio_laplace"].values()):
-        assert ratio_plain < ratio_rfm <= 1
-    return rows
+def test_rfm_kernels_step_is_the_ridgeless_laplace_predictors_agop():
+    """k_M's M is the AGOP of the ridgeless Laplace predictor on the unit-norm rows (Deep RFM's
+    first layer), as kernel_ridge and kernel_agop give it directly; K is the Laplace kernel."""
+    from agop import datasets
+    from agop.agop import kernel_agop
+    from agop.solve import kernel_ridge
 
-
-def test_run_theory_on_mnist(tmp_path, data_root):
-    run = th.run_theory(tmp_path / "run", progress=False, data_dir=data_root)
-    rows = _check_run(run.path, "mnist")
-    assert any("mnist" in str(r["note"]) for r in rows)
-    krr = read_csv(run.path / "krr.csv")
-    assert {r["N"] for r in krr if "data" in r["kernel"]} == {400}
-
-
-def test_cli_theory_falls_back_to_digits(tmp_path, capsys):
-    from agop.cli import main
-
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    assert main(["theory", "--out", str(tmp_path / "run"), "--data-dir", str(empty),
-                 "--pdf"]) == 0
-    rows = _check_run(tmp_path / "run", "digits")
-    assert any("fell back to digits" in str(r["note"]) for r in rows)
-    assert (tmp_path / "run" / "figures" / "theorem55_bound.pdf").exists()
-    assert "checks passed" in capsys.readouterr().out
-    # an existing run folder is refused, with exit status 2
-    assert main(["theory", "--out", str(tmp_path / "run")]) == 2
+    data = datasets.load("digits", n=300, balanced=True)
+    keep = data.y < 2
+    X, y = data.X[keep].astype(np.float64), np.where(data.y[keep] == 0, 1.0, -1.0)
+    ks = th.rfm_kernels(X, y)
+    Xn = torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True))
+    kernel = LaplaceKernel(2.0)
+    K = kernel(Xn)
+    M = kernel_agop(kernel, Xn, kernel_ridge(K, torch.from_numpy(y)[:, None], 0.0).coef)
+    np.testing.assert_allclose(ks["laplace"], K.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ks["agop"], M.numpy(), rtol=1e-9, atol=1e-12 * float(M.abs().max()))
+    assert ks["jitter"] == 0.0

@@ -36,8 +36,8 @@ _EXPORTS = {
     "train": "agop.models.mlp",
     "probe": "agop.models.mlp",
     "layer_agops": "agop.models.mlp",
-    "run_mlp": "agop.models.mlp",
-    "run_theory": "agop.theory",
+    "run_mlp": "agop.experiments.mlp",
+    "run_theory": "agop.experiments.theory",
     "reproduce": "agop.report",
     "build_report": "agop.report",
 }

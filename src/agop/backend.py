@@ -3,7 +3,7 @@
 Precision policy (one place, enforced here and documented in the README):
 
 - distances, kernel matrices and the Cholesky factorization run in the compute dtype
-  (``default_dtype(device)``: float32 on both CPU and CUDA) with TF32 **off**
+  (``default_dtype()``: float32 on both CPU and CUDA) with TF32 **off**
   (:func:`strict_fp32`), so "float32" means true IEEE fp32 on a GPU too;
 - eigendecompositions (M^{1/2}) and every collapse metric run in float64;
 - any fallback (a diagonal jitter, a float64 retry of a factorization) is reported in the
@@ -49,11 +49,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """The compute dtype used for kernels, solves and AGOP products on ``device``.
+def default_dtype() -> torch.dtype:
+    """The compute dtype used for kernels, solves and AGOP products: float32 on every device.
 
-    float32 on CPU and CUDA: twice the GEMM rate of float64 on a CPU and far more on a GPU.
-    The Deep RFM tests show that float32 gives the same per-layer NC1 as float64 to within 1%.
+    The policy does not depend on the device, so this takes none: float32 has twice the GEMM
+    rate of float64 on a CPU and far more on GPUs without fast fp64 (:func:`float64_slowdown`),
+    and the Deep RFM tests show that it gives the same per-layer NC1 as float64 to within 1%.
+    Ask for float64 explicitly (``dtype="float64"``) where it is wanted.
     """
     return torch.float32
 
@@ -73,10 +75,10 @@ def float64_slowdown(device: torch.device | str) -> float:
     return 1.0 if major >= 8 and minor == 0 else 32.0
 
 
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """``None``/``"auto"`` → :func:`default_dtype`; ``"float32"``/``"float64"`` → that dtype."""
     if dtype is None or dtype == "auto":
-        return default_dtype(device)
+        return default_dtype()
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be float32 or float64; got {dtype}")

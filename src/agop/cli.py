@@ -79,6 +79,9 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
                    help="ridge μ (default: 0, ridgeless as the paper; the authors' code used 1e-3)")
     p.add_argument("--features", choices=("gaussian", "uniform"), default=S,
                    help="W ~ N(0, 2/width) (default, Prop. 5.1) or nn.Linear's uniform init")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false", default=S,
+                   help="Algorithm 1 as printed: rows only normalized (default: standardize "
+                        "each feature first, as the authors' scripts do)")
     p.add_argument("--dtype", default=S,
                    help="compute dtype: auto (default: float32), float32 or float64")
     p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
@@ -124,23 +127,12 @@ def _add_mlp(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_mlp(args: argparse.Namespace) -> int:
-    from agop.models.mlp import run_mlp
+    from agop.experiments.mlp import run_mlp, summary_text
 
     rd = run_mlp(out=args.out, resume=args.resume, progress=args.progress,
                  **_settings(args, run_mlp))
-    s = rd.read_summary()
-
-    def g(v, spec: str = ".3g") -> str:  # summary.json stores NaN as null
-        return "nan" if v is None else format(v, spec)
-
-    test = "" if s["test_acc"] is None else f", test acc {g(s['test_acc'], '.4f')}"
     print(f"run folder: {rd.path}")
-    print(f"epoch {s['epoch']}: train loss {g(s['loss'], '.4g')}, "
-          f"train acc {g(s['train_acc'], '.4f')}{test}")
-    for lay in s["layers"]:
-        print(f"  layer {lay['layer']}: NC1 input {g(lay['nc1_input'])} -> right "
-              f"{g(lay['nc1_right'])} -> output {g(lay['nc1_output'])}; NFA rho(WtW, AGOP^1/2) "
-              f"{g(lay['nfa_sqrt'], '.3f')}, rho(WtW, AGOP) {g(lay['nfa'], '.3f')}")
+    print(summary_text(rd.read_summary()))
     return 0
 
 
@@ -158,21 +150,25 @@ def _add_theory(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_theory(args: argparse.Namespace) -> int:
-    from agop.theory import run_theory
+    from agop.experiments.theory import run_theory, summary_text
 
     run = run_theory(args.out, data_dir=args.data_dir, seed=args.seed, pdf=args.pdf)
-    return 1 if run.read_summary()["failed"] else 0
+    summary = run.read_summary()
+    print(summary_text(summary, run.path))
+    return 1 if summary["failed"] else 0
 
 
 # ----------------------------------------------------------------------------- reproduce / report
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from agop.report.plan import SCALES  # light: the plan loads torch only when it runs
+
     p = sub.add_parser(
         "reproduce", help="every figure of the paper into one HTML report",
         description="Run Deep RFM and the MLP study on every dataset found (plus digits) and the "
                     "theory checks, then write DIR/report.html (self-contained: open it from "
                     "disk) and DIR/summary.json. Run folders are kept in DIR/runs/: run the same "
                     "command again after an interruption to continue where it stopped.")
-    p.add_argument("--scale", choices=("tiny", "quick", "paper"), default="quick",
+    p.add_argument("--scale", choices=tuple(SCALES), default="quick",
                    help="quick (default): 3-7 minutes on 2 CPU cores; paper: the paper's "
                         "sizes (50,000 points, 20 layers, 250 epochs), for a GPU; tiny: seconds, "
                         "a smoke test (see docs/report.md)")

@@ -423,7 +423,14 @@ class CollapseAccumulator:
     end, so with ``pinv=True`` (default) the accumulator also keeps the D × D within-class
     scatter (merged the same way): O(D²) memory and O(B·D²) time per batch of B rows. With
     ``pinv=False`` that matrix is not kept and ``compute()`` omits ``"nc1_pinv"``.
+
+    Accumulators combine: ``a.merge(b)`` makes ``a`` hold the statistics of both (as if ``a``
+    had also been fed ``b``'s batches), ``a.all_reduce()`` does that over the ranks of a
+    ``torch.distributed`` process group, and ``state()`` / ``from_state`` expose the statistics
+    as plain float64 tensors (:meth:`state` lists them) for saving or sending elsewhere.
     """
+
+    STATE_KEYS = ("counts", "shifts", "shifted_means", "sum_squares", "scatter")
 
     def __init__(self, num_classes: int, dim: int, *, pinv: bool = True,
                  device: str | torch.device | None = None):
@@ -455,6 +462,13 @@ class CollapseAccumulator:
     def class_counts(self) -> np.ndarray:
         """Samples seen per class (K,)."""
         return self._counts.copy()
+
+    @property
+    def class_means(self) -> np.ndarray:
+        """The class means μ_c seen so far (K × D, float64, on the host); 0 for unseen classes."""
+        if self._shift is None:
+            return np.zeros((self.num_classes, self.dim))
+        return _host(self._shift + self._mean)
 
     def update(self, H_batch: ArrayLike, y_batch: ArrayLike) -> None:
         """Add a batch: H_batch (B × D features), y_batch (B labels in 0..K−1); B may be 0.
@@ -521,3 +535,203 @@ class CollapseAccumulator:
 
         means = _host(self._shift + self._mean)
         return _all(_Stats(self._counts.copy(), means, _host(self._ss), quad), strict)
+
+    # --- combining accumulators ---------------------------------------------------------
+
+    def _same_shape(self, other: "CollapseAccumulator", what: str) -> None:
+        mine = (self.num_classes, self.dim, self.pinv)
+        theirs = (other.num_classes, other.dim, other.pinv)
+        if mine != theirs:
+            raise ValueError(
+                f"cannot {what} a CollapseAccumulator with (num_classes, dim, pinv) = {theirs} "
+                f"into one with {mine}"
+            )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sufficient statistics, as new float64 tensors on the accumulator's device.
+
+        Keys (K = ``num_classes``, D = ``dim``; a class not seen yet has all zeros):
+
+        - ``"counts"`` (K,): n_c, the samples seen per class (integers, exact below 2⁵³);
+        - ``"shifts"`` (K × D): s_c, a reference point of class c (the first sample seen);
+        - ``"shifted_means"`` (K × D): the mean of x − s_c over class c, so μ_c = s_c + this
+          (kept relative to s_c so that a tiny spread around a large mean keeps its digits);
+        - ``"sum_squares"`` (K,): Σ_{i∈c} ‖x_i − μ_c‖², the within-class sum of squares;
+        - ``"scatter"`` (D × D), only with ``pinv=True``: Σ_c Σ_{i∈c} (x_i − μ_c)(x_i − μ_c)ᵀ,
+          the within-class scatter (N·Σ_W).
+
+        ``from_state(acc.state())`` is an accumulator equal to ``acc``. Every tensor has the same
+        shape on every process with the same (K, D, pinv), so a process group can gather them;
+        :meth:`all_reduce` does exactly that.
+        """
+        if self._shift is None:  # nothing seen: zeros, without fixing the state's device yet
+            empty = CollapseAccumulator(self.num_classes, self.dim, pinv=self.pinv)
+            empty._allocate(self._device or torch.device("cpu"))
+            return empty.state()
+        out = {
+            "counts": torch.from_numpy(self._counts.astype(np.float64)).to(self._shift.device),
+            "shifts": self._shift.clone(),
+            "shifted_means": self._mean.clone(),
+            "sum_squares": self._ss.clone(),
+        }
+        if self._scatter is not None:
+            out["scatter"] = self._scatter.clone()
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, ArrayLike], *,
+                   device: str | torch.device | None = None) -> "CollapseAccumulator":
+        """An accumulator holding the statistics ``state`` (the dict :meth:`state` returns).
+
+        K and D are read from the shapes, ``pinv`` from whether ``"scatter"`` is present.
+        ``"shifts"`` may be left out (then s_c = 0 and ``"shifted_means"`` are the class means).
+        Tensors or arrays, any real dtype, are converted to float64; the state lives on
+        ``device`` (default: that of ``"shifted_means"``). Raises ValueError on a missing or
+        unknown key, a wrong shape, a count that is not a non-negative integer, or a value that
+        is not finite.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict of tensors; got {type(state).__name__}")
+        unknown = sorted(set(state) - set(cls.STATE_KEYS))
+        missing = [k for k in ("counts", "shifted_means", "sum_squares") if k not in state]
+        if unknown or missing:
+            raise ValueError(
+                f"state has unknown key(s) {unknown} / lacks {missing}; expected "
+                f"{list(cls.STATE_KEYS)} ('shifts' and 'scatter' optional)"
+            )
+
+        def tensor(key: str) -> torch.Tensor:
+            v = state[key]
+            t = v.detach() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+            if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+                raise ValueError(f"state[{key!r}] must hold real numbers; got {t.dtype}")
+            t = t.to(torch.float64)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state[{key!r}] holds NaN or inf")
+            return t
+
+        means = tensor("shifted_means")
+        if means.ndim != 2:
+            raise ValueError(
+                f"state['shifted_means'] must be K × D; got shape {tuple(means.shape)}"
+            )
+        K, D = means.shape
+        dev = torch.device(device) if device is not None else means.device
+        shapes = {"counts": (K,), "shifts": (K, D), "sum_squares": (K,), "scatter": (D, D)}
+        got = {k: tensor(k).to(dev) for k in shapes if k in state}
+        for k, t in got.items():
+            if tuple(t.shape) != shapes[k]:
+                raise ValueError(
+                    f"state[{k!r}] has shape {tuple(t.shape)}; with K = {K} classes and D = {D} "
+                    f"features it must be {shapes[k]}"
+                )
+        counts = _host(got["counts"])
+        if np.any(counts < 0) or np.any(counts != np.round(counts)):
+            raise ValueError(f"state['counts'] must be non-negative integers; got {counts}")
+        acc = cls(K, D, pinv="scatter" in got, device=dev)
+        acc._allocate(dev)
+        acc._counts = counts.astype(np.int64)
+        seen = torch.from_numpy(acc._counts > 0).to(dev)
+        acc._mean[seen] = means.to(dev)[seen]  # unseen classes keep zeros, whatever was passed
+        acc._ss[seen] = got["sum_squares"][seen]
+        if "shifts" in got:
+            acc._shift[seen] = got["shifts"][seen]
+        if acc._scatter is not None:
+            acc._scatter.copy_(got["scatter"])
+        return acc
+
+    def merge(self, other: "CollapseAccumulator") -> "CollapseAccumulator":
+        """Add the statistics of ``other`` to this accumulator, in place; returns ``self``.
+
+        Afterwards ``self`` equals (to rounding, about 1e-15 relative) an accumulator fed the
+        batches of both, in any order; ``other`` is unchanged. Per class c with counts n_a, n_b,
+        means μ_a, μ_b and δ = μ_b − μ_a, the parallel update of Chan, Golub & LeVeque
+        ("Updating formulae and a pairwise algorithm for computing sample variances", 1979;
+        "Algorithms for computing the sample variance: analysis and recommendations", The
+        American Statistician 37, 1983):
+
+            n = n_a + n_b,   μ = μ_a + (n_b/n) δ,   SS = SS_a + SS_b + (n_a n_b/n) ‖δ‖²,
+
+        and the D × D scatter the same way with δδᵀ in place of ‖δ‖². δ is taken between the
+        means relative to this accumulator's shift s_c (other's mean plus s_c' − s_c), so the
+        precision of :meth:`update` is kept. A class absent from ``other`` is untouched, one
+        absent from ``self`` is copied. Raises ValueError unless both have the same
+        (num_classes, dim, pinv).
+        """
+        if not isinstance(other, CollapseAccumulator):
+            raise ValueError(f"can only merge a CollapseAccumulator; got {type(other).__name__}")
+        self._same_shape(other, "merge")
+        if other.count == 0:
+            return self
+        if self._shift is None:
+            self._allocate(self._device or other._shift.device)
+        dev = self._shift.device
+        # copies: ``other`` may be ``self``, whose tensors are updated below
+        sb, mb, ssb = (t.to(dev, copy=True) for t in (other._shift, other._mean, other._ss))
+        present = np.flatnonzero(other._counts)
+        nb = other._counts[present]
+        na = self._counts[present]
+        p = torch.from_numpy(present).to(dev)
+        fresh = torch.from_numpy(present[na == 0]).to(dev)
+        self._shift[fresh] = sb[fresh]  # then δ is other's mean exactly, and its weight is 0
+        n = na + nb
+        w = torch.from_numpy(na * nb / n).to(dev)  # (P,)
+        frac = torch.from_numpy(nb / n).to(dev)
+        delta = (mb[p] + (sb[p] - self._shift[p])) - self._mean[p]  # (P, D)
+        self._mean[p] += delta * frac[:, None]
+        self._ss[p] += ssb[p] + w * torch.sum(delta * delta, dim=1)
+        if self._scatter is not None:
+            self._scatter += other._scatter.to(dev) + (delta.T * w) @ delta
+        self._counts[present] = n
+        return self
+
+    def all_reduce(self, group=None) -> "CollapseAccumulator":
+        """Merge the accumulators of all ranks of a ``torch.distributed`` group, in place.
+
+        Every rank of ``group`` (None: the default group) must call this. Afterwards every
+        rank holds the same statistics, bit for bit: those of all the batches fed on all ranks
+        (equal to one accumulator fed everything, to rounding). Each rank's :meth:`state` is
+        gathered (one ``all_gather`` of a flat float64 vector of 2K(D + 1) (+ D²) numbers per
+        rank, so world × that in memory) and the states are merged in rank order with
+        :meth:`merge`, on the collective's device (CPU for gloo, the current CUDA device for
+        NCCL); the result is moved back to this accumulator's device. Raises ValueError on
+        every rank if the ranks' (num_classes, dim, pinv) differ. A no-op when
+        ``torch.distributed`` is not initialized. Returns ``self``.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        world = dist.get_world_size(group)
+        if world == 1:
+            return self
+        comm = (torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+        shape = torch.tensor([self.num_classes, self.dim, int(self.pinv)], device=comm)
+        shapes = [torch.empty_like(shape) for _ in range(world)]
+        dist.all_gather(shapes, shape, group=group)
+        for r, t in enumerate(shapes):
+            K, D, pinv = (int(v) for v in t.tolist())
+            if (K, D, bool(pinv)) != (self.num_classes, self.dim, self.pinv):
+                raise ValueError(
+                    f"all_reduce: rank {r} has a CollapseAccumulator with (num_classes, dim, "
+                    f"pinv) = {(K, D, bool(pinv))}, this rank "
+                    f"{(self.num_classes, self.dim, self.pinv)}; all ranks must agree"
+                )
+        home = self._shift.device if self._shift is not None else (self._device or comm)
+        keys = [k for k in self.STATE_KEYS if k != "scatter" or self.pinv]
+        mine = self.state()
+        flat = torch.cat([mine[k].to(comm).reshape(-1) for k in keys])
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat, group=group)
+        merged = CollapseAccumulator(self.num_classes, self.dim, pinv=self.pinv, device=comm)
+        for part in parts:  # rank order on every rank: the same sums, the same result
+            pieces = torch.split(part, [mine[k].numel() for k in keys])
+            st = {k: v.reshape(mine[k].shape) for k, v in zip(keys, pieces)}
+            merged.merge(CollapseAccumulator.from_state(st, device=comm))
+        if merged.count == 0:  # no rank has seen a sample: nothing to change
+            return self
+        self._counts = merged._counts
+        self._shift, self._mean, self._ss = (t.to(home) for t in
+                                             (merged._shift, merged._mean, merged._ss))
+        self._scatter = merged._scatter.to(home) if self.pinv else None
+        return self

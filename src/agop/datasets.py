@@ -19,6 +19,7 @@ import pickle
 import shutil
 import tempfile
 import textwrap
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,10 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "UnsafePickleError",
+    "count",
     "describe",
     "load",
+    "load_labels",
     "resolve_root",
 ]
 
@@ -100,7 +103,9 @@ class Dataset:
 
     ``X``: float32, N × D with D = C·H·W, pixels scaled to [0, 1], each image flattened
     channel-major (C × H × W, row-major). ``y``: int64, N, labels in 0..K−1 naming
-    ``classes[y]``. ``source``: the folder read (None for the built-in digits).
+    ``classes[y]``. ``source``: the folder read (None for the built-in digits). ``rows``: the
+    ``(start, stop)`` asked of :func:`load` (these are rows start … stop−1 of the selection),
+    None for the whole selection.
     """
 
     X: np.ndarray
@@ -110,6 +115,7 @@ class Dataset:
     name: str
     split: str
     source: Path | None = field(default=None)
+    rows: tuple[int, int] | None = field(default=None)
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +129,8 @@ class Dataset:
         where = "built in" if self.source is None else str(self.source)
         return (f"Dataset({self.name!r}, split={self.split!r}, N={len(self)}, "
                 f"D={self.X.shape[1]}, K={self.num_classes}, image_shape={self.image_shape}, "
-                f"source={where!r})")
+                f"source={where!r}" + ("" if self.rows is None else f", rows={self.rows}")
+                + ")")
 
 
 # ----------------------------------------------------------------------------- root
@@ -154,17 +161,48 @@ def _idx_path(folder: Path, base: str) -> Path | None:
     return None
 
 
-def _read_maybe_gzip(path: Path, nbytes: int | None = None) -> bytes:
-    """The file's bytes, decompressed if it is gzip (judged by its magic bytes, not its name)."""
+def _read_maybe_gzip(path: Path, nbytes: int | None = None, offset: int = 0) -> bytes:
+    """The file's bytes (``nbytes`` of them from ``offset``; all if None), decompressed if it is
+    gzip (judged by its magic bytes, not its name). A gzip stream is decompressed up to
+    ``offset`` + ``nbytes`` and no further; a plain file is read from ``offset`` directly."""
     try:
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"
             f.seek(0)
             stream = gzip.GzipFile(fileobj=f) if gz else f
+            if offset:
+                stream.seek(offset)
             return stream.read() if nbytes is None else stream.read(nbytes)
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+    except (EOFError, gzip.BadGzipFile, OSError, zlib.error) as exc:
         raise ValueError(f"{path}: cannot read the file ({exc}); it is truncated or corrupt; "
                          "replace it with a fresh copy") from None
+
+
+def _size_matches(path: Path, total: int) -> bool:
+    """Whether the file decompresses to ``total`` bytes, judged without decompressing: a plain
+    file's size, or a gzip file's ISIZE trailer (the size mod 2^32 of its last member). False
+    only means "look closer" (a multi-member gzip file can be fine)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return os.fstat(f.fileno()).st_size == total
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 22:  # shorter than a gzip header + trailer
+            return False
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little") == total % 2**32
+
+
+def _check_idx_size(path: Path, shape: tuple[int, ...], rank: int) -> None:
+    """Raise unless the file holds exactly the data its header states (cheaply where the size
+    or the gzip trailer says so; else by decompressing it, as a full read would)."""
+    header = 4 + 4 * rank
+    expected = int(np.prod(shape))
+    if _size_matches(path, header + expected):
+        return
+    held = len(_read_maybe_gzip(path)) - header  # a truncated gzip file raises here
+    if held != expected:
+        raise ValueError(f"{path}: the IDX header says shape {shape} ({expected} data bytes) "
+                         f"but the file holds {held}; it is truncated or corrupt")
 
 
 def _idx_shape(header: bytes, path: Path, rank: int) -> tuple[int, ...]:
@@ -198,18 +236,37 @@ def _idx_paths(info: DatasetInfo, folder: Path, split: str) -> tuple[Path, Path]
     return None if None in paths else (paths[0], paths[1])
 
 
-def _load_idx(info: DatasetInfo, folder: Path, split: str):
+def _idx_source(info: DatasetInfo, folder: Path, split: str, limit, want):
+    """(all labels, pixels(idx)) of an IDX split, or None if its files are absent.
+
+    The labels file is read whole (one byte a point); of the images file only the header and,
+    when pixels are asked for, the span of rows from the first to the last index (a seek into
+    a plain file; a gzip file is decompressed up to the end of the span).
+    """
     paths = _idx_paths(info, folder, split)
     if paths is None:
         return None
-    images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
-    if images.shape[1:] != info.image_shape[1:]:
-        raise ValueError(f"{paths[0]}: images are {images.shape[1]}x{images.shape[2]}; "
+    labels = _read_idx(paths[1], 1)
+    shape = _idx_shape(_read_maybe_gzip(paths[0], 16), paths[0], 3)
+    if shape[1:] != info.image_shape[1:]:
+        raise ValueError(f"{paths[0]}: images are {shape[1]}x{shape[2]}; "
                          f"{info.name} images are {info.image_shape[1]}x{info.image_shape[2]}")
-    if len(labels) != len(images):
+    if len(labels) != shape[0]:
         raise ValueError(f"{paths[1]} holds {len(labels)} labels but {paths[0]} holds "
-                         f"{len(images)} images; the two files must match")
-    return images.reshape(len(images), -1), labels
+                         f"{shape[0]} images; the two files must match")
+    _check_idx_size(paths[0], shape, 3)
+    row = shape[1] * shape[2]
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        raw = _read_maybe_gzip(paths[0], (b - a) * row, offset=16 + a * row)
+        if len(raw) != (b - a) * row:
+            raise ValueError(f"{paths[0]}: rows {a}..{b - 1} run past the end of the file; it "
+                             "is truncated or corrupt")
+        block = np.frombuffer(raw, dtype=np.uint8).reshape(b - a, row)
+        return block if b - a == len(idx) else block[idx - a]
+
+    return labels.astype(np.int64), pixels
 
 
 def _count_idx(info: DatasetInfo, folder: Path, split: str) -> int | None:
@@ -312,12 +369,40 @@ def _cifar_paths(info: DatasetInfo, folder: Path, split: str) -> list[Path]:
     return [folder / f for f in info.files[split] if (folder / f).is_file()]
 
 
-def _load_cifar(info: DatasetInfo, folder: Path, split: str):
+def _cifar_source(info: DatasetInfo, folder: Path, split: str, limit, want):
+    """(labels, pixels(idx)) of the CIFAR-10 batches present, or None if there are none.
+
+    Batches are unpickled in order until ``limit`` labels are read (None: all); a pickle holds
+    labels and pixels together, so each batch is read whole, and only the pixels of the global
+    rows ``want = (start, stop)`` (None: all) are kept.
+    """
     paths = _cifar_paths(info, folder, split)
     if not paths:
         return None
-    parts = [_read_cifar_batch(p) for p in paths]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    label_parts, kept, offset = [], [], 0
+    for path in paths:
+        if limit is not None and offset >= limit:
+            break
+        data, labels = _read_cifar_batch(path)
+        lo, hi = (offset, offset + len(labels)) if want is None else \
+            (max(offset, want[0]), min(offset + len(labels), want[1]))
+        if lo < hi:
+            part = data if hi - lo == len(data) else data[lo - offset:hi - offset].copy()
+            kept.append((lo, part))
+        label_parts.append(labels)
+        offset += len(labels)
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        pieces = []
+        for lo, part in kept:  # idx is sorted: the pieces come out in order
+            inside = idx[(idx >= lo) & (idx < lo + len(part))] - lo
+            if len(inside) == len(part):
+                pieces.append(part)
+            elif len(inside):
+                pieces.append(part[inside])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    return np.concatenate(label_parts), pixels
 
 
 def _count_cifar(info: DatasetInfo, folder: Path, split: str) -> int | None:
@@ -331,35 +416,54 @@ def _svhn_path(info: DatasetInfo, folder: Path, split: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _load_svhn(info: DatasetInfo, folder: Path, split: str):
-    path = _svhn_path(info, folder, split)
-    if path is None:
-        return None
-    from scipy.io import loadmat
+def _svhn_mat(path: Path, read):
+    from scipy.io import loadmat, whosmat
 
     try:
-        mat = loadmat(path, variable_names=["X", "y"])
+        return read(loadmat, whosmat)
     except NotImplementedError:
         raise ValueError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; the official "
                          "SVHN files are MATLAB v5") from None
     except (ValueError, OSError, TypeError) as exc:
         raise ValueError(f"{path}: not a readable MATLAB file ({exc})") from None
-    X, y = mat.get("X"), mat.get("y")
-    if X is None or y is None:
-        raise ValueError(f"{path}: needs variables 'X' and 'y'; found {sorted(mat)}")
-    if X.ndim != 4 or X.shape[:3] != (32, 32, 3) or X.dtype != np.uint8:
-        raise ValueError(f"{path}: 'X' must be uint8 of shape (32, 32, 3, N); got {X.dtype} "
-                         f"{X.shape}")
+
+
+def _svhn_source(info: DatasetInfo, folder: Path, split: str, limit, want):
+    """(labels, pixels(idx)) of an SVHN .mat file, or None if absent: ``y`` and the header of
+    ``X`` first; ``X`` itself only when pixels are asked for (the format cannot read part of
+    a variable, so the whole of ``X`` is read then)."""
+    path = _svhn_path(info, folder, split)
+    if path is None:
+        return None
+    info_x = _svhn_mat(path, lambda loadmat, whosmat: {
+        name: (shape, cls) for name, shape, cls in whosmat(path)})
+    y = _svhn_mat(path, lambda loadmat, whosmat: loadmat(path, variable_names=["y"])).get("y")
+    if "X" not in info_x or y is None:
+        raise ValueError(f"{path}: needs variables 'X' and 'y'; found {sorted(info_x)}")
+    shape, cls = info_x["X"]
+    if len(shape) != 4 or tuple(shape[:3]) != (32, 32, 3) or cls != "uint8":
+        raise ValueError(f"{path}: 'X' must be uint8 of shape (32, 32, 3, N); got {cls} "
+                         f"{tuple(shape)}")
     y = np.asarray(y).reshape(-1)
-    if len(y) != X.shape[3]:
-        raise ValueError(f"{path}: 'y' holds {len(y)} labels for {X.shape[3]} images")
+    if len(y) != shape[3]:
+        raise ValueError(f"{path}: 'y' holds {len(y)} labels for {shape[3]} images")
     bad = (y < 1) | (y > 10) | (y != np.round(y))
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"{path}: SVHN labels must be 1..10 (10 means digit 0); y[{i}] = {y[i]}")
-    # (H, W, C, N) -> (N, C, H, W): channel-major like CIFAR-10.
-    pixels = np.ascontiguousarray(X.transpose(3, 2, 0, 1)).reshape(X.shape[3], -1)
-    return pixels, (y.astype(np.int64) % 10)
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        X = _svhn_mat(path, lambda loadmat, whosmat: loadmat(path, variable_names=["X"]))["X"]
+        if X.ndim != 4 or X.shape[:3] != (32, 32, 3) or X.dtype != np.uint8 \
+                or X.shape[3] != len(y):
+            raise ValueError(f"{path}: 'X' must be uint8 of shape (32, 32, 3, {len(y)}); got "
+                             f"{X.dtype} {X.shape}")
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        X = X[..., a:b] if b - a == len(idx) else X[..., idx]
+        # (H, W, C, N) -> (N, C, H, W): channel-major like CIFAR-10.
+        return np.ascontiguousarray(X.transpose(3, 2, 0, 1)).reshape(len(idx), -1)
+
+    return y.astype(np.int64) % 10, pixels
 
 
 def _count_svhn(info: DatasetInfo, folder: Path, split: str) -> int | None:
@@ -378,17 +482,22 @@ def _count_svhn(info: DatasetInfo, folder: Path, split: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------- digits
-def _load_digits(split: str):
+def _digits_source(split: str):
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     pixels, labels = bunch.data, bunch.target.astype(np.int64)
     rows = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
-    return pixels[rows], labels[rows]
+    pixels, labels = pixels[rows], labels[rows]
+    return labels, lambda idx: pixels[idx]
 
 
-_READERS = {"mnist": (_load_idx, _count_idx), "fashion-mnist": (_load_idx, _count_idx),
-            "cifar10": (_load_cifar, _count_cifar), "svhn": (_load_svhn, _count_svhn)}
+# A source returns (labels, pixels) or None when the files are absent: ``labels`` of the split
+# (at least the first ``limit`` when one is given; all of them if it holds fewer), and
+# ``pixels(idx)``, the rows at the sorted global indices ``idx`` (which lie in ``want`` when
+# that is given). The counter reads a split's size from headers.
+_READERS = {"mnist": (_idx_source, _count_idx), "fashion-mnist": (_idx_source, _count_idx),
+            "cifar10": (_cifar_source, _count_cifar), "svhn": (_svhn_source, _count_svhn)}
 
 
 # ----------------------------------------------------------------------------- load
@@ -424,7 +533,7 @@ def _not_found(info: DatasetInfo, root: Path, origin: str, split: str,
 
 def load(name: str = DEFAULT_DATASET, split: str = "train", n: int | None = None,
          root: str | os.PathLike | None = None, balanced: bool = False,
-         download: bool = False) -> Dataset:
+         download: bool = False, rows: tuple[int, int] | None = None) -> Dataset:
     """Load one split of a dataset as float32 N × D pixels in [0, 1] and int64 labels.
 
     Paper: Appendix C, "the first 50,000 points" of MNIST, CIFAR-10, SVHN (file order).
@@ -436,6 +545,13 @@ def load(name: str = DEFAULT_DATASET, split: str = "train", n: int | None = None
       raises ValueError.
     - ``balanced``: needs ``n`` divisible by K; keep the first n/K points of each class (in file
       order overall); a class with fewer than n/K points raises ValueError.
+    - ``rows``: ``(start, stop)``: only rows start … stop−1 of the points selected by ``n`` /
+      ``balanced`` (one rank's share: ``agop.distributed.row_range``); the same rows as
+      ``load(...)`` sliced ``[start:stop]``. Only what those rows need is read where the format
+      allows: MNIST images from the first to the last row wanted (a seek; a ``.gz`` file is
+      decompressed up to there), CIFAR-10 batches up to the last one needed (a pickle is read
+      whole: labels and pixels come together), SVHN and digits whole, then sliced.
+      ``0 ≤ start < stop ≤`` the number selected, else ValueError.
     - ``root``: data root; else ``$AGOP_DATA``, else ``~/.cache/agop``.
     - ``download``: if files are missing, fetch them with torchvision (if installed) into the
       layout under the root.
@@ -443,7 +559,37 @@ def load(name: str = DEFAULT_DATASET, split: str = "train", n: int | None = None
     Pixels: digits / 16, the others / 255. Images are flattened C × H × W (channel-major).
     Missing files raise :class:`DatasetNotFoundError` (a FileNotFoundError) naming the files
     expected and the folder searched; corrupt files raise ValueError naming the file.
+    :func:`load_labels` gives the labels alone, reading no pixels where the format allows.
     """
+    info, source, labels, idx, pixels = _open(name, split, n, root, balanced, download, rows,
+                                              need_pixels=True)
+    X = np.asarray(pixels(idx), dtype=np.float32)
+    X /= np.float32(16.0 if info.folder is None else 255.0)
+    span = None if rows is None else (int(rows[0]), int(rows[1]))
+    return Dataset(X=X, y=np.ascontiguousarray(labels[idx], dtype=np.int64),
+                   classes=list(info.classes), image_shape=info.image_shape, name=info.name,
+                   split=split, source=source, rows=span)
+
+
+def load_labels(name: str = DEFAULT_DATASET, split: str = "train", n: int | None = None,
+                root: str | os.PathLike | None = None, balanced: bool = False,
+                download: bool = False, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The int64 labels of ``load(name, split, n, root, balanced, download, rows)``, same rules.
+
+    Reads no pixels where the format allows: MNIST reads its labels file only (the images
+    file's header is checked), SVHN its ``y`` (and the header of ``X``), digits are built in;
+    CIFAR-10 pickles hold labels and pixels together, so its batches are unpickled (up to the
+    n-th point) and their pixels dropped batch by batch. For what every rank needs whole, e.g.
+    class-balanced centers chosen from all N labels while each rank loads its own rows.
+    """
+    _, _, labels, idx, _ = _open(name, split, n, root, balanced, download, rows,
+                                 need_pixels=False)
+    return np.ascontiguousarray(labels[idx], dtype=np.int64)
+
+
+def _open(name, split, n, root, balanced, download, rows, need_pixels):
+    """Validate the arguments, read the labels and return (info, source folder, labels of the
+    split, the sorted global indices selected, pixels(idx))."""
     from agop._validate import check_int  # here, not at import: it loads torch (slow CLI start)
 
     info = DATASETS[_canonical_name(name)]
@@ -455,21 +601,34 @@ def load(name: str = DEFAULT_DATASET, split: str = "train", n: int | None = None
         raise ValueError(f"balanced must be True or False; got {balanced!r}")
     if balanced and n is None:
         raise ValueError("balanced=True needs n (it takes the first n/K points of each class)")
+    if rows is not None:
+        rows = _check_rows(rows)
+
+    # What must be read: labels up to the n-th point (all for a balanced pick, which may reach
+    # anywhere), pixels only of the global rows wanted when they are known in advance.
+    limit = None if balanced else n if n is not None else None if rows is None else rows[1]
+    want = None
+    if not balanced:
+        want = (0, n) if rows is None and n is not None else rows
+        if rows is not None and n is not None:
+            want = (min(rows[0], n), min(rows[1], n))
+    if not need_pixels:
+        want = (0, 0)
 
     if info.folder is None:
-        source, scale = None, 16.0
-        pixels, labels = _load_digits(split)
+        source = None
+        labels, pixels = _digits_source(split)
     else:
         root_path, origin = _root_and_origin(root)
-        source, scale = root_path / info.folder, 255.0
+        source = root_path / info.folder
         reader = _READERS[info.name][0]
-        loaded = reader(info, source, split)
+        loaded = reader(info, source, split, limit, want)
         if loaded is None and download:
             _download(info, root_path, origin, split)
-            loaded = reader(info, source, split)
+            loaded = reader(info, source, split, limit, want)
         if loaded is None:
             raise _not_found(info, root_path, origin, split)
-        pixels, labels = loaded
+        labels, pixels = loaded
 
     bad = (labels < 0) | (labels >= len(info.classes))
     if bad.any():
@@ -477,12 +636,26 @@ def load(name: str = DEFAULT_DATASET, split: str = "train", n: int | None = None
         raise ValueError(f"{info.name} {split} in {source}: label {labels[i]} at index {i} is "
                          f"outside 0..{len(info.classes) - 1}")
     where = f"{info.name} {split}" + ("" if source is None else f" (in {source})")
-    rows = _select(labels, n, balanced, info, where)
-    X = np.asarray(pixels[rows], dtype=np.float32)
-    X /= np.float32(scale)
-    return Dataset(X=X, y=np.ascontiguousarray(labels[rows], dtype=np.int64),
-                   classes=list(info.classes), image_shape=info.image_shape, name=info.name,
-                   split=split, source=source)
+    idx = np.arange(len(labels))[_select(labels, n, balanced, info, where)]
+    if rows is not None:
+        if rows[1] > len(idx):
+            raise ValueError(f"rows = ({rows[0]}, {rows[1]}) but only {len(idx):,} points are "
+                             f"selected from {where}; need 0 ≤ start < stop ≤ {len(idx)}")
+        idx = idx[rows[0]:rows[1]]
+    return info, source, labels, idx, pixels
+
+
+def _check_rows(rows) -> tuple[int, int]:
+    """``rows`` as a (start, stop) pair of ints with 0 ≤ start < stop, else ValueError."""
+    ok = isinstance(rows, (tuple, list)) and len(rows) == 2 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in rows)
+    if not ok:
+        raise ValueError(f"rows must be a (start, stop) pair of integers; got {rows!r}")
+    start, stop = int(rows[0]), int(rows[1])
+    if not 0 <= start < stop:
+        raise ValueError(f"rows = ({start}, {stop}) is not a range of rows; need "
+                         "0 ≤ start < stop")
+    return start, stop
 
 
 def _select(labels: np.ndarray, n: int | None, balanced: bool, info: DatasetInfo,

@@ -1,4 +1,4 @@
-"""The paper's theory made executable: Proposition 5.1, Theorems 5.4 and 5.5, and ``agop theory``.
+"""The paper's theory made executable: Proposition 5.1, Theorems 5.4 and 5.5.
 
 - Proposition 5.1 (Section 5.2, Appendix A): the expected inner product of ReLU random features
   of two unit vectors, the expected feature distance as a function of the input distance
@@ -11,14 +11,14 @@
   that attains it.
 
 Everything is computed in float64. The paper stores data as columns (d × n); the Gram matrices
-here are n × n either way.
+here are n × n either way. The numerical checks of ``agop theory`` (the rows of ``theory.csv``,
+the figures) are the experiment :mod:`agop.experiments.theory`; nothing here writes files.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import linalg as sla
@@ -279,14 +279,26 @@ def linearized_deep_rfm(gram0, y, lambda_k: float, lambda_phi: float, depth: int
         X̃ᵀX̃ = κ⁻¹ XᵀMX = κ⁻¹ A(A + λ_k I)⁻¹ YYᵀ (A + λ_k I)⁻¹ A,
     then the linearized feature map adds λ_Φ I: X_{l+1}ᵀX_{l+1} = X̃ᵀX̃ + λ_Φ I.
 
-    Args:
-        gram0: X₁ᵀX₁, symmetric positive semi-definite n × n (Assumption 5.3 asks λ_min ≥ λ_Φ).
-        y: ±1 labels (n,) or n × K with YᵀY = m·I (see :func:`collapsed_gram_inverse`).
-        lambda_k: λ_k ≥ 0 (0: a linear kernel, which collapses in one step if A is invertible).
-        lambda_phi: λ_Φ ≥ 0 (0: a linear feature map; the paper: no collapse).
-        depth: number of RFM steps.
-        kappa: see :func:`kappa_value`; default ``"exact"`` so that the collapsed Gram is a
-            fixed point and the distance contracts to 0.
+    Parameters
+    ----------
+    gram0 : array_like
+        X₁ᵀX₁, symmetric positive semi-definite n × n (Assumption 5.3 asks λ_min ≥ λ_Φ).
+    y : array_like
+        ±1 labels (n,) or n × K with YᵀY = m·I (see :func:`collapsed_gram_inverse`).
+    lambda_k : float
+        λ_k ≥ 0 (0: a linear kernel, which collapses in one step if A is invertible).
+    lambda_phi : float
+        λ_Φ ≥ 0 (0: a linear feature map; the paper: no collapse).
+    depth : int
+        The number of RFM steps.
+    kappa : {"exact", "paper"} or float
+        See :func:`kappa_value`; default ``"exact"`` so that the collapsed Gram is a fixed
+        point and the distance contracts to 0.
+
+    Returns
+    -------
+    LinearizedRFMResult
+        The distances to YYᵀ after each step, and the last Gram.
     """
     G = _symmetric(gram0, "gram0")
     n = G.shape[0]
@@ -459,298 +471,49 @@ def _pdist(X: np.ndarray) -> np.ndarray:
 def rfm_kernels(X, y, bandwidth: float = 2.0) -> dict:
     """The plain Laplace kernel and k_M after one RFM step on the same data (Section 5.4).
 
-    Steps, as in Deep RFM's first layer: rows of X normalized to unit norm; K = exp(−‖x − z‖/L);
-    ridgeless kernel regression on y; M = the AGOP of that predictor (self terms dropped);
-    k_M(x, z) = exp(−s‖x − z‖_M/L) with ‖x − z‖²_M = (x − z)ᵀM(x − z), read off the Gram
-    X M Xᵀ (the same as the Laplace kernel of the rows of X M^{1/2}, without the D × D
-    eigendecomposition; self-distances set to exactly 0). The scale of an AGOP is arbitrary
-    (Algorithm 1 even omits the 1/N), so s = median ‖x − z‖ / median ‖x − z‖_M over pairs:
-    k_M has the same typical distance as the plain kernel and differs only in geometry.
+    The step is Deep RFM's first layer, by its own primitives (:mod:`agop.models.deep_rfm`):
+    rows of X normalized to unit norm (``normalize_rows``); K = exp(−‖x − z‖/L)
+    (``kernel_matrix``); ridgeless kernel regression on y and M = the AGOP of that predictor,
+    self terms dropped (``fit_layer``). Then k_M(x, z) = exp(−s‖x − z‖_M/L) with
+    ‖x − z‖²_M = (x − z)ᵀM(x − z), read off the Gram X M Xᵀ (the Laplace kernel of the rows of
+    X M^{1/2}; self-distances set to exactly 0). The scale of an AGOP is arbitrary (Algorithm 1
+    even omits the 1/N), so s = median ‖x − z‖ / median ‖x − z‖_M over pairs: k_M has the same
+    typical distance as the plain kernel and differs only in geometry.
 
-    Returns a dict with ``laplace`` and ``rfm`` (N × N float64), ``agop`` (M, D × D, unscaled),
-    ``scale`` (s) and ``jitter`` (the solver's).
+    Parameters
+    ----------
+    X : array_like
+        N × D inputs (float64); no row may be zero.
+    y : array_like
+        ±1 labels, (N,).
+    bandwidth : float
+        L, the Laplace kernel's bandwidth.
+
+    Returns
+    -------
+    dict
+        ``laplace`` and ``rfm`` (N × N float64), ``agop`` (M, D × D, unscaled), ``scale`` (s)
+        and ``jitter`` (the solver's).
     """
     import torch
 
-    from agop.agop import kernel_agop
     from agop.kernels import LaplaceKernel, pairwise_distances
-    from agop.solve import kernel_ridge
+    from agop.models.deep_rfm import fit_layer, kernel_matrix, normalize_rows
 
     Xt = torch.from_numpy(as_float64_matrix(X, "X"))
     v = np.asarray(to_numpy(y), dtype=np.float64)
     _check_pm1(v, "y")
     if len(v) != len(Xt):
         raise ValueError(f"y has {len(v)} labels but X has {len(Xt)} rows")
-    norms = Xt.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise ValueError(f"X row {int(torch.argmin(norms))} is zero and cannot be normalized")
-    Xt = Xt / norms
+    Xt = normalize_rows(Xt, "X")
     kernel = LaplaceKernel(bandwidth)
-    K = kernel(Xt)
-    sol = kernel_ridge(K, torch.from_numpy(v)[:, None], 0.0)
-    M = kernel_agop(kernel, Xt, sol.coef)
+    layer = fit_layer(Xt, torch.from_numpy(v)[:, None], kernel)  # Deep RFM's layer 1, ridgeless
+    M = layer.agop
     G = Xt @ M @ Xt.T
     sq = G.diagonal()
     dist_M = (sq[:, None] + sq[None, :] - 2 * G).clamp_(min=0.0).fill_diagonal_(0.0).sqrt_()
     iu = np.triu_indices(len(v), 1)
     scale = float(np.median(pairwise_distances(Xt).numpy()[iu]) / np.median(dist_M.numpy()[iu]))
-    return {"laplace": K.numpy(), "rfm": kernel.from_distances(dist_M * scale).numpy(),
-            "agop": M.numpy(), "scale": scale, "jitter": sol.jitter}
-
-
-# ============================================================================ agop theory
-# Settings of the Theorem 5.4 figure: (λ_k, λ_Φ, κ rule).
-CONTRACTION_SETTINGS = (
-    (0.02, 1.0, "exact"), (0.1, 1.0, "exact"), (0.3, 1.0, "exact"),
-    (0.1, 0.3, "exact"), (0.1, 3.0, "exact"), (0.1, 0.0, "exact"), (0.02, 1.0, "paper"),
-)
-MU_VALUES = (1.0, 10.0, 100.0)
-EPSILONS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-
-
-def _row(check: str, value: float, expected: str, passed: bool, note: str = "") -> dict:
-    return {"check": check, "value": float(value), "expected": expected,
-            "passed": bool(passed), "note": note}
-
-
-def _z_scores(estimate, se, truth) -> np.ndarray:
-    """|estimate − truth|/se; where se = 0 (a deterministic case, e.g. dist 0 or 2) it is 0
-    if the estimate is exact and inf otherwise."""
-    diff = np.abs(estimate - truth)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(se > 0, diff / np.where(se > 0, se, 1.0), np.where(diff == 0, 0.0, np.inf))
-
-
-def _proposition_rows(run, seed: int, pdf: bool) -> tuple[list[dict], dict]:
-    from agop.experiments import figures
-    from agop.experiments.records import write_csv
-
-    dist = np.linspace(0.0, 2.0, 41)
-    sim = simulate_relu_features(dist, D=4096, trials=64, seed=seed)
-    theory = relu_feature_distance(dist)
-    ratio = relu_feature_ratio(dist)
-    write_csv(run.path / "relu_features.csv", [
-        {"dist": d, "theory": t, "ratio": q, "simulated": m, "simulated_se": s,
-         "inner_theory": relu_feature_inner(1 - d * d / 2), "inner_simulated": i,
-         "inner_simulated_se": ie}
-        for d, t, q, m, s, i, ie in zip(dist, theory, ratio, sim.distance, sim.distance_se,
-                                        sim.inner, sim.inner_se)])
-    figures.theory_relu_distance(dist, theory, ratio, sim.distance, sim.distance_se,
-                                 run.figures_dir / "figure4_relu_distance", D=sim.D, pdf=pdf)
-    r = np.linspace(-1, 1, 2001)[1:-1]
-    eq1 = ((1 - r**2) ** 1.5 / np.pi + r**2 * np.sqrt(1 - r**2) / np.pi + r / 2
-           + r / np.pi * np.arctan(r / np.sqrt(1 - r**2)))
-    inner_theory = relu_feature_inner(1 - dist**2 / 2)
-    z_inner = _z_scores(sim.inner, sim.inner_se, inner_theory)
-    z_dist = _z_scores(sim.distance, sim.distance_se, theory)
-    z_norm = abs(sim.sq_norm - 1.0) / sim.sq_norm_se
-    fine = np.linspace(0, 2, 2001)
-    fine_ratio = relu_feature_ratio(fine)
-    rows = [
-        _row("prop5.1 inner at r=1", relu_feature_inner(1.0), "1", relu_feature_inner(1.0) == 1.0),
-        _row("prop5.1 inner at r=0", relu_feature_inner(0.0), f"1/pi = {1 / np.pi!r}",
-             abs(relu_feature_inner(0.0) - 1 / np.pi) < 1e-15),
-        _row("prop5.1 inner at r=-1", relu_feature_inner(-1.0), "0",
-             relu_feature_inner(-1.0) == 0.0),
-        _row("prop5.1 max |eq.(1) - arc-cosine form|", np.abs(eq1 - relu_feature_inner(r)).max(),
-             "< 1e-12", np.abs(eq1 - relu_feature_inner(r)).max() < 1e-12, "r on (-1, 1)"),
-        _row("prop5.1 Monte-Carlo inner: max |z|", z_inner.max(), "< 4", z_inner.max() < 4,
-             f"D={sim.D}; {sim.trials} trials; 41 distances"),
-        _row("prop5.1 Monte-Carlo distance: max |z|", z_dist.max(), "< 4", z_dist.max() < 4,
-             f"D={sim.D}; {sim.trials} trials"),
-        _row("prop5.1 Monte-Carlo E|sigma(Wx)|^2: |z|", z_norm, "< 4 (mean 1)", z_norm < 4,
-             f"mean {sim.sq_norm:.5f}"),
-        _row("fig4 ratio at dist=2", fine_ratio[-1], f"1/sqrt2 = {1 / math.sqrt(2)!r}",
-             abs(fine_ratio[-1] - 1 / math.sqrt(2)) < 1e-15),
-        _row("fig4 ratio monotone decreasing on (0 2]", np.diff(fine_ratio[1:]).max(), "< 0",
-             np.diff(fine_ratio[1:]).max() < 0, "largest step on a 2001-point grid"),
-        _row("fig4 ratio within [1/sqrt2 1]", fine_ratio.min(), ">= 1/sqrt2 and max <= 1",
-             fine_ratio.min() >= 1 / math.sqrt(2) - 1e-15 and fine_ratio.max() <= 1.0,
-             f"max {fine_ratio.max():.6f}"),
-    ]
-    return rows, {"relu_ratio_at_2": float(fine_ratio[-1]),
-                  "relu_mc_max_z_inner": float(z_inner.max()),
-                  "relu_mc_max_z_distance": float(z_dist.max())}
-
-
-def _contraction_rows(run, seed: int, pdf: bool) -> tuple[list[dict], dict]:
-    from agop.experiments import figures
-    from agop.experiments.records import write_csv
-
-    n, d, depth = 32, 64, 12
-    rng = np.random.default_rng(seed)
-    B = rng.standard_normal((n, d))
-    B /= np.linalg.norm(B, axis=1, keepdims=True)  # unit-norm samples, d ≥ n (Assumption 5.2)
-    y = np.where(np.arange(n) < n // 2, 1.0, -1.0)
-    curves, rates, results = [], {}, {}
-    for lam_k, lam_phi, kap in CONTRACTION_SETTINGS:
-        # the first feature map already adds λ_Φ I, so Assumption 5.3 holds for gram0
-        res = linearized_deep_rfm(B @ B.T + lam_phi * np.eye(n), y, lam_k, lam_phi, depth,
-                                  kappa=kap)
-        curves.append({"lambda_k": lam_k, "lambda_phi": lam_phi, "kappa": kap,
-                       "spectral": res.spectral})
-        rates[(lam_k, lam_phi, kap)] = contraction_rate(res.spectral)
-        results[(lam_k, lam_phi, kap)] = res
-    write_csv(run.path / "contraction.csv", [
-        {"lambda_k": c["lambda_k"], "lambda_phi": c["lambda_phi"], "kappa": c["kappa"],
-         "layer": layer + 2, "distance": v}
-        for c in curves for layer, v in enumerate(c["spectral"])])
-    figures.theory_contraction(curves, run.figures_dir / "theorem54_contraction", pdf=pdf)
-
-    small, mid, large = (rates[(lk, 1.0, "exact")] for lk in (0.02, 0.1, 0.3))
-    lo_phi, hi_phi = rates[(0.1, 0.3, "exact")], rates[(0.1, 3.0, "exact")]
-    linear = results[(0.1, 0.0, "exact")].spectral
-    A_star = np.outer(y, y) + np.eye(n)
-    fixed = linearized_deep_rfm(A_star, y, 0.1, 1.0, 5).spectral.max()
-    one_step = linearized_deep_rfm(B @ B.T + np.eye(n), y, 0.0, 1.0, 1).spectral[0]
-    lemma = np.abs(collapsed_gram_inverse(y, 0.7)
-                   - np.linalg.inv(np.outer(y, y) + 0.7 * np.eye(n))).max()
-    rows = [
-        _row("thm5.4 rate lambda_k/lambda_phi=0.02", small, "< 1", small < 1,
-             f"n={n}; operator norm; kappa exact"),
-        _row("thm5.4 rate grows with lambda_k (0.02/0.1/0.3)", large, f"> {mid!r} > {small!r}",
-             small < mid < large < 1, "lambda_phi=1"),
-        _row("thm5.4 rate falls with lambda_phi (0.3/1/3)", hi_phi, f"< {mid!r} < {lo_phi!r}",
-             hi_phi < mid < lo_phi, "lambda_k=0.1"),
-        _row("thm5.4 lambda_phi=0: no collapse", linear[-1],
-             "stalls > 0 (last two layers equal)",
-             linear[-1] > 1e-3 * linear[0] and abs(linear[-1] / linear[-2] - 1) < 1e-9,
-             "linear feature map; lambda_k=0.1"),
-        _row("thm5.4 collapsed Gram is a fixed point", fixed, "< 1e-10", fixed < 1e-10,
-             "start at yy^T + lambda_phi I"),
-        _row("thm5.4 linear kernel collapses in one step", one_step, "< 1e-10", one_step < 1e-10,
-             "lambda_k = 0"),
-        _row("lemmaA.2 max |closed form - inv|", lemma, "< 1e-12", lemma < 1e-12,
-             f"n={n}; lambda_phi=0.7"),
-    ]
-    paper = results[(0.02, 1.0, "paper")]
-    plateau = n * abs(collapsed_fixed_point(0.02, 1.0, n, "paper") - 1)
-    rows.append(_row(
-        "thm5.4 paper kappa: limiting distance", paper.spectral[-1], f"n|t*-1| = {plateau!r}",
-        abs(paper.spectral[-1] - plateau) < 1e-6 * plateau,
-        f"lambda_k=0.02; kappa={paper.kappa:.4f}: an O(lambda_k n) offset instead of "
-        "O(lambda_k^2/lambda_phi^2)"))
-    return rows, {"contraction_rates": {f"lk={k[0]},lphi={k[1]},kappa={k[2]}": v
-                                        for k, v in rates.items()}}
-
-
-def _load_two_classes(data_dir, per_class: int = 200):
-    """First ``per_class`` points of classes 0 and 1 of MNIST, else of the bundled digits."""
-    from agop import datasets
-
-    try:
-        data = datasets.load("mnist", n=10 * per_class, balanced=True, root=data_dir)
-    except FileNotFoundError:
-        per_class = 140  # the digits train split has at least 146 of every class
-        data = datasets.load("digits", n=10 * per_class, balanced=True)
-    keep = data.y < 2
-    return data.X[keep], np.where(data.y[keep] == 0, 1.0, -1.0), data.name, per_class
-
-
-def _krr_rows(run, seed: int, data_dir, pdf: bool) -> tuple[list[dict], dict]:
-    from agop.experiments import figures
-    from agop.experiments.records import write_csv
-
-    X, y, dataset, per_class = _load_two_classes(data_dir)
-    data_kernels = rfm_kernels(X, y)
-    kernels = {"laplace (data)": data_kernels["laplace"], "rfm k_M (data)": data_kernels["rfm"]}
-    N_rand = 40
-    y_rand = np.where(np.arange(N_rand) < N_rand // 2, 1.0, -1.0)
-    randoms = random_kernels(N_rand, seed)
-    records, worst = [], 0.0
-    for mu in MU_VALUES:
-        for name, k in kernels.items():
-            records.append({"kernel": name, "mu": mu, "ratio": krr_ratio(k, y, mu), "N": len(y)})
-        records.append({"kernel": "k* (data)", "mu": mu,
-                        "ratio": krr_ratio(collapsed_kernel(y), y, mu), "N": len(y)})
-        for name, k in randoms.items():
-            ratio = krr_ratio(k, y_rand, mu)
-            worst = max(worst, ratio)
-            records.append({"kernel": f"random {name}", "mu": mu, "ratio": ratio, "N": N_rand})
-    eps_rows = []
-    kstar = collapsed_kernel(y_rand)
-    for eps in EPSILONS:
-        normalized = (kstar + eps * np.eye(N_rand)) / (1 + eps)
-        eps_rows.append({"epsilon": eps, "gap": 1 - krr_ratio(normalized, y_rand, 10.0)})
-    write_csv(run.path / "krr.csv", records)
-    write_csv(run.path / "krr_epsilon.csv", eps_rows)
-    figures.theory_krr_bound(records, eps_rows, run.figures_dir / "theorem55_bound", pdf=pdf)
-
-    def ratio(name, mu):
-        return next(r["ratio"] for r in records if r["kernel"] == name and r["mu"] == mu)
-
-    data_all = [r["ratio"] for r in records if r["kernel"] in kernels]
-    gaps = np.array([r["gap"] for r in eps_rows])
-    bound = krr_bound(N_rand, 10.0)
-    unnormalized = krr_objective(kstar + 1e-3 * np.eye(N_rand), y_rand, 10.0) / bound
-    signed = krr_objective((np.outer(y_rand, y_rand) + 1e-6 * np.eye(N_rand)) / (1 + 1e-6),
-                           y_rand, 10.0) / bound
-    source = f"{dataset} classes 0/1: first {per_class} each" + (
-        "" if dataset == "mnist" else " (MNIST not found: fell back to digits)")
-    rows = [
-        _row("thm5.5 max ratio over random kernels", worst, "<= 1", worst <= 1 + 1e-12,
-             f"{len(randoms)} kernels; N={N_rand}; mu in {list(MU_VALUES)}"),
-        _row("thm5.5 max ratio on data kernels", max(data_all), "<= 1", max(data_all) <= 1 + 1e-12,
-             source),
-        _row("thm5.5 k* attains the bound", ratio("k* (data)", 10.0), "1",
-             abs(ratio("k* (data)", 10.0) - 1) < 1e-12, "mu=10"),
-        _row("thm5.5 (k*+eps I)/(1+eps) -> bound", gaps[-1],
-             f"gap decreasing to 0 (eps={EPSILONS[-1]})",
-             bool(np.all(np.diff(gaps) < 0) and gaps.min() >= -1e-12 and gaps[-1] < 1e-5),
-             "mu=10; unit diagonal kept"),
-        _row("thm5.5 k*+eps I without renormalization", unnormalized, "> 1 (diagonal 1+eps)",
-             unnormalized > 1, "why the unit diagonal matters"),
-        _row("thm5.5 negative entries: (yy^T+eps I)/(1+eps)", signed,
-             f"> 1: (N+2mu)/(N+mu) = {(N_rand + 20) / (N_rand + 10)!r}", signed > 1,
-             "why entrywise positivity (k_M = phi > 0) matters"),
-    ]
-    for mu in MU_VALUES:
-        plain, rfm = ratio("laplace (data)", mu), ratio("rfm k_M (data)", mu)
-        rows.append(_row(f"thm5.5 RFM k_M closer to bound than Laplace (mu={mu:g})", rfm,
-                         f"> {plain!r} (Laplace)", plain < rfm <= 1 + 1e-12, source))
-    summary = {"krr_dataset": dataset, "krr_per_class": per_class,
-               "krr_ratio_laplace": {f"{mu:g}": ratio("laplace (data)", mu) for mu in MU_VALUES},
-               "krr_ratio_rfm": {f"{mu:g}": ratio("rfm k_M (data)", mu) for mu in MU_VALUES},
-               "krr_max_ratio_random": worst, "rfm_metric_scale": data_kernels["scale"],
-               "rfm_solver_jitter": data_kernels["jitter"]}
-    return rows, summary
-
-
-def run_theory(out=None, progress: bool = True, *, data_dir=None, seed: int = 0,
-               pdf: bool = False):
-    """``agop theory``: Proposition 5.1, Theorems 5.4 and 5.5 checked numerically.
-
-    Writes to ``out`` (default ``runs/theory-<time>``): ``config.json``; ``theory.csv`` (one
-    row per check: check, value, expected, passed, note); the data behind each figure
-    (``relu_features.csv``, ``contraction.csv``, ``krr.csv``, ``krr_epsilon.csv``); the figures
-    (``figures/figure4_relu_distance``, ``theorem54_contraction``, ``theorem55_bound``); and
-    ``summary.json`` with the headline numbers. The Theorem 5.5 data part uses the first 200
-    points of MNIST classes 0 and 1 under ``data_dir`` (else ``$AGOP_DATA``), falling back to
-    scikit-learn's digits (140 per class) when MNIST is not found. Returns the RunDir.
-    """
-    from agop.experiments.records import RunDir, default_run_dir, write_csv
-
-    seed = check_int(seed, "seed", minimum=0)
-    path = Path(out) if out is not None else default_run_dir("theory")
-    run = RunDir.create(path, kind="theory", settings={
-        "seed": seed, "data_dir": None if data_dir is None else str(data_dir), "pdf": bool(pdf)})
-    rows, summary = [], {}
-    for label, part in (("Proposition 5.1", lambda: _proposition_rows(run, seed, pdf)),
-                        ("Theorem 5.4", lambda: _contraction_rows(run, seed, pdf)),
-                        ("Theorem 5.5", lambda: _krr_rows(run, seed, data_dir, pdf))):
-        if progress:
-            print(f"theory: {label} ...", flush=True)
-        part_rows, part_summary = part()
-        rows += part_rows
-        summary.update(part_summary)
-        write_csv(run.path / "theory.csv", rows)
-    if progress and summary["krr_dataset"] != "mnist":
-        print("theory: MNIST not found; Theorem 5.5 used scikit-learn's digits instead")
-    failed = [r["check"] for r in rows if not r["passed"]]
-    if progress:
-        print(f"theory: {len(rows) - len(failed)}/{len(rows)} checks passed -> {run.path}")
-        for name in failed:
-            print(f"  FAILED: {name}")
-    run.write_summary({"checks": len(rows), "passed": len(rows) - len(failed), "failed": failed,
-                       **summary})
-    return run
+    return {"laplace": kernel_matrix(kernel, Xt).numpy(),
+            "rfm": kernel.from_distances(dist_M * scale).numpy(), "agop": M.numpy(),
+            "scale": scale, "jitter": layer.jitter}

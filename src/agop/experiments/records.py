@@ -15,6 +15,7 @@ holds the records of every finished step and the checkpoint that matches them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
@@ -53,7 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; records are meant to be shared
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):  # the temporary may already be gone
             os.unlink(tmp)
         raise
 
@@ -155,14 +156,6 @@ def _parse(v: str | None) -> Any:
         return v
 
 
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
-
-
 # ----------------------------------------------------------------------------- run folders
 def environment() -> dict[str, Any]:
     """Package and machine versions recorded in every config.json."""
@@ -217,6 +210,22 @@ class RunDir:
         }
         atomic_write_json(path / CONFIG, config)
         return cls(path, json.loads((path / CONFIG).read_text()))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "RunDir":
+        """Open an existing run folder to read its records (writes nothing); ValueError if
+        ``path`` is not a folder or has no config.json."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"{path} is not a folder (expected a run folder of agop rfm, "
+                             f"agop mlp or agop theory)")
+        if not (path / CONFIG).is_file():
+            raise ValueError(f"{path} is not a run folder: it has no {CONFIG} (expected a "
+                             f"folder written by agop rfm, agop mlp or agop theory)")
+        config = read_json(path / CONFIG)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / CONFIG} does not hold a JSON object")
+        return cls(path, config)
 
     @classmethod
     def resume(cls, path: str | os.PathLike, kind: str | None = None) -> "RunDir":

@@ -1,7 +1,10 @@
 """The ``agop rfm`` experiment: Deep RFM on a dataset, measured per layer and stage.
 
-Sections 5.1–5.2, Figures 2, 3, 6. The estimator is :class:`agop.models.deep_rfm.DeepRFM`;
-this module owns the settings, the run folder, the Gram snapshots and the headline numbers.
+Sections 5.1–5.2, Figures 2, 3, 6. The estimator is :class:`agop.models.deep_rfm.DeepRFM`,
+which fits and measures nothing; this module measures what its layer iterator yields
+(:class:`LayerMeter`: the collapse metrics of every stage, f_l's test accuracy, the fit
+information, one metrics row per layer and stage) and owns the settings, the run folder, the
+Gram snapshots and the headline numbers. The run skeleton is :mod:`agop.experiments.common`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import numpy as np
 import torch
 
 from agop._validate import check_int, finite_positive, metric_float, to_numpy
-from agop.backend import dtype_name
-from agop.models.deep_rfm import DeepRFM
+from agop.backend import dtype_name, resolve_device, strict_fp32, synchronize
+from agop.experiments.common import (checkpoint_loop, data_config, load_data, record_device,
+                                     start_run, write_config)
+from agop.models.deep_rfm import FIT_INFO, DeepRFM, LayerStep, normalize_rows
 
 RFM_DEFAULTS: dict[str, Any] = {
     "dataset": "digits", "n": None, "test_n": None, "depth": 10, "bandwidth": 2.0,
-    "width": 512, "ridge": 0.0, "features": "gaussian", "seed": 0, "device": "auto",
-    "dtype": "auto", "data_dir": None,
+    "width": 512, "ridge": 0.0, "features": "gaussian", "standardize": True, "seed": 0,
+    "device": "auto", "dtype": "auto", "data_dir": None,
 }
 # settings that may differ when a run is resumed (the device changes numbers by rounding only)
 _FREE_ON_RESUME = ("data_dir", "device")
@@ -39,19 +44,6 @@ def gram_subset(y: np.ndarray, num_classes: int, points: int = GRAM_POINTS) -> n
     """Indices of the first ⌊points/K⌋ training points of each class (file order), sorted."""
     per = max(1, points // num_classes)
     return np.sort(np.concatenate([np.flatnonzero(y == c)[:per] for c in range(num_classes)]))
-
-
-def _load_data(dataset: str, n: int | None, test_n: int | None, data_dir: Any):
-    from agop import datasets
-
-    train = datasets.load(dataset, "train", n=n, root=data_dir)
-    if test_n == 0:
-        return train, None
-    have = datasets.count(dataset, "test", data_dir)  # from the headers: read only what is used
-    if have is None and test_n is None:  # the default asks for test points only where there are some
-        return train, None
-    want = test_n if test_n is not None else min(TEST_N_DEFAULT, have)
-    return train, datasets.load(dataset, "test", n=want, root=data_dir)
 
 
 def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -85,12 +77,22 @@ def load_grams(path: Any) -> list[tuple[int, np.ndarray, np.ndarray]]:
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Headline numbers of a Deep RFM run from its metrics rows (Figures 3, 6; Section 5.2).
 
-    ``rows``: ``agop rfm`` metrics rows (``layer`` from 1, ``stage`` in input/agop/features,
-    ``nc1``, ``nc2``, ``train_acc``, ``test_acc``). With m the last layer that has an input row
-    (L + 1 for a finished run), log NC1(X_1) − log NC1(X_m) is the sum over l < m of three
-    steps: input → agop (M^{1/2}), agop → features (random features and ReLU), features → next
-    input (row normalization); ``share_*`` is each step's sum over that total (a negative share
-    raised NC1). Counts are over the layers with both stages.
+    With m the last layer that has an input row (L + 1 for a finished run), log NC1(X_1) −
+    log NC1(X_m) is the sum over l < m of three steps: input → agop (M^{1/2}), agop → features
+    (random features and ReLU), features → next input (row normalization); ``share_*`` is each
+    step's sum over that total (a negative share raised NC1). Counts are over the layers with
+    both stages.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``agop rfm`` metrics rows (``layer`` from 1, ``stage`` in input/agop/features,
+        ``nc1``, ``nc2``, ``train_acc``, ``test_acc``), of a finished run or not.
+
+    Returns
+    -------
+    dict
+        Empty without an input row.
     """
     by = {(r.get("layer"), r.get("stage")): r for r in rows}
     inputs = sorted(l for l, s in by if s == "input")
@@ -222,10 +224,208 @@ def _figures(run: Any, rows: list[dict[str, Any]], classes: list[str] | None, ti
         figures.rfm_gram(grams, run.figures_dir / "gram", classes=classes, title=title, pdf=pdf)
 
 
+
+
+# ----------------------------------------------------------------------------- measurement
+# the metrics row's time columns: the layer's steps (DeepRFM), then the experiment's own
+COLUMN_STEPS = ("kernel", "solve", "agop", "sqrt", "features", "predict", "metrics")
+
+
+def class_indices(classes: np.ndarray, labels: Any) -> np.ndarray:
+    """Labels as indices into ``classes`` (sorted, e.g. ``DeepRFM.classes_``).
+
+    Parameters
+    ----------
+    classes : numpy.ndarray
+        The K sorted class labels of a fit.
+    labels : array-like
+        n labels.
+
+    Returns
+    -------
+    numpy.ndarray
+        n int64 indices; −1 for a label not among ``classes`` (no prediction can match it).
+    """
+    arr = np.asarray(to_numpy(labels)).reshape(-1)
+    idx = np.searchsorted(classes, arr)
+    K = len(classes)
+    seen = (idx < K) & (classes[np.minimum(idx, K - 1)] == arr)
+    return np.where(seen, idx, -1).astype(np.int64)
+
+
+def _accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
+    return float((scores.argmax(dim=1) == y).double().mean())
+
+
+def _stage_metrics(H: torch.Tensor, y: torch.Tensor, K: int, where: str) -> dict[str, float]:
+    """:func:`agop.collapse.measure` of one stage; an undefined metric is recorded as NaN with a
+    warning, as the MLP study does (``strict=False``)."""
+    from agop.collapse import measure
+
+    values = measure(H, y, num_classes=K, strict=False)
+    undefined = sorted(k for k, v in values.items() if math.isnan(v))
+    if undefined:
+        warnings.warn(f"collapse metrics {undefined} undefined at {where}; recorded as NaN",
+                      stacklevel=3)
+    return values
+
+
+class LayerMeter:
+    """Measures what :meth:`DeepRFM.fit_iter` yields, layer by layer (Sections 5.1–5.2).
+
+    Per layer l it returns one metrics row per stage (``"input"``, ``"agop"``, ``"features"``;
+    the final solve ``"input"`` only) with ``layer``, ``stage``, every
+    :func:`agop.collapse.measure` value of that stage, ``train_acc`` and ``test_acc`` of f_l,
+    the layer's fit information (:data:`agop.models.deep_rfm.FIT_INFO`) and the times
+    ``seconds`` (the layer's Algorithm 1 work) and ``seconds_<step>`` for
+    :data:`COLUMN_STEPS` (``predict``: test accuracy, ``metrics``: this measurement).
+
+    Test points are carried through the layers beside the fit: each layer normalizes them,
+    predicts with f_l (:meth:`LayerStep.predict`) and maps them to the next layer's features
+    (:meth:`LayerStep.forward`), exactly as :meth:`DeepRFM.transform` would. Between layers
+    :meth:`state_dict` holds them for a checkpoint.
+
+    Parameters
+    ----------
+    num_classes : int
+        K of the fit (``len(model.classes_)``).
+    test : torch.Tensor, optional
+        The test points entering the next layer before its row normalization (n × D, on the
+        model's device): :meth:`DeepRFM.preprocess` of the test inputs before layer 1.
+    y_test : torch.Tensor, optional
+        Their class indices (:func:`class_indices`; −1 for a class not in training).
+    """
+
+    def __init__(self, num_classes: int, test: torch.Tensor | None = None,
+                 y_test: torch.Tensor | None = None):
+        if (test is None) != (y_test is None):
+            raise ValueError("test and y_test must be given together (test accuracy needs both)")
+        self.num_classes = int(num_classes)
+        self.test = test
+        self.y_test = y_test
+
+    @classmethod
+    def for_model(cls, model: DeepRFM, X_test: Any = None, y_test: Any = None) -> "LayerMeter":
+        """A meter for a fit just started by ``model.fit_iter`` (test inputs validated here).
+
+        Parameters
+        ----------
+        model : DeepRFM
+            After :meth:`DeepRFM.fit_iter` was called (its preprocessing is known).
+        X_test, y_test : array-like, optional
+            Raw test inputs (n × d) and labels, given together.
+
+        Returns
+        -------
+        LayerMeter
+        """
+        if (X_test is None) != (y_test is None):
+            raise ValueError("X_test and y_test must be given together (test accuracy needs both)")
+        if X_test is None:
+            return cls(len(model.classes_))
+        test = model.preprocess(X_test)
+        idx = class_indices(model.classes_, y_test)
+        if idx.shape[0] != test.shape[0]:
+            raise ValueError(f"y_test has {idx.shape[0]} label(s) but X_test has "
+                             f"{test.shape[0]} row(s); they must match one label per sample")
+        return cls(len(model.classes_), test, torch.as_tensor(idx, device=test.device))
+
+    def __call__(self, step: LayerStep) -> list[dict[str, Any]]:
+        """The metrics rows of one layer (see the class docstring); advances the test points."""
+        l = step.layer
+        seconds = dict(step.info["seconds"])
+        test_acc = None
+        with strict_fp32():
+            if self.test is not None:
+                t = time.perf_counter()
+                Xte = normalize_rows(self.test, f"layer {l} test features")
+                test_acc = _accuracy(step.predict(Xte), self.y_test)
+                self.test = None if step.final else step.forward(Xte)
+                synchronize(Xte.device)
+                seconds["predict"] = time.perf_counter() - t
+            t = time.perf_counter()
+            metrics = {s: _stage_metrics(H, step.y, self.num_classes, f"layer {l} {s}")
+                       for s, H in step.stages.items()}
+            seconds["metrics"] = time.perf_counter() - t
+        common = {
+            "train_acc": step.train_acc,
+            "test_acc": test_acc,
+            **{k: step.info[k] for k in FIT_INFO if k not in ("layer", "seconds")},
+            # Algorithm 1's own work; test predictions and metrics are measurement
+            "seconds": sum(v for k, v in seconds.items() if k not in ("predict", "metrics")),
+            **{f"seconds_{k}": seconds.get(k) for k in COLUMN_STEPS},
+        }
+        return [{"layer": l, "stage": s, **metrics[s], **common} for s in step.stages]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The test points between layers, as CPU tensors (None without a test set)."""
+        def cpu(t):
+            return None if t is None else t.detach().cpu()
+
+        return {"num_classes": self.num_classes, "test": cpu(self.test),
+                "y_test": cpu(self.y_test)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: Any) -> "LayerMeter":
+        """Rebuild a meter from :meth:`state_dict` on ``device`` (the model's ``device_``)."""
+        def put(t):
+            return None if t is None else t.to(device)
+
+        meter = cls(int(state["num_classes"]))
+        meter.test, meter.y_test = put(state["test"]), put(state["y_test"])
+        return meter
+
+
+def measure_fit(model: DeepRFM, X: Any, y: Any, X_test: Any = None,
+                y_test: Any = None) -> list[dict[str, Any]]:
+    """Fit ``model`` on (X, y) layer by layer and return the metrics rows of every layer.
+
+    The rows of ``agop rfm``'s metrics.csv (:class:`LayerMeter`), without a run folder.
+
+    Parameters
+    ----------
+    model : DeepRFM
+        Fitted in place.
+    X, y : array-like
+        Training inputs (N × d) and labels.
+    X_test, y_test : array-like, optional
+        Test inputs and labels for each layer's test accuracy (given together).
+
+    Returns
+    -------
+    list of dict
+        One row per layer and stage, in order.
+    """
+    steps = model.fit_iter(X, y)
+    meter = LayerMeter.for_model(model, X_test, y_test)
+    rows: list[dict[str, Any]] = []
+    for step in steps:
+        rows.extend(meter(step))
+    return rows
+
+
+def _restore(ckpt: dict[str, Any], device: Any) -> tuple[DeepRFM, LayerMeter, list[dict[str, Any]]]:
+    """The model, meter and rows of a run's checkpoint (this format, or the format-1 one whose
+    model state also held the rows and the test points)."""
+    model = DeepRFM.from_state_dict(ckpt["model"], device=device)
+    if "measure" in ckpt:
+        meter = LayerMeter.from_state_dict(ckpt["measure"], model.device_)
+        rows = [dict(r) for r in ckpt["rows"]]
+    else:
+        old = ckpt["model"]
+        meter = LayerMeter.from_state_dict({"num_classes": len(model.classes_),
+                                            "test": old.get("test"),
+                                            "y_test": old.get("y_test")}, model.device_)
+        rows = [dict(r) for r in old["history"]]
+    return model, meter, rows
+
+
+# ----------------------------------------------------------------------------- the experiment
 def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
             dataset: str | None = None, n: int | None = None, test_n: int | None = None,
             depth: int | None = None, bandwidth: float | None = None, width: int | None = None,
-            ridge: float | None = None, features: str | None = None, seed: int | None = None,
+            ridge: float | None = None, features: str | None = None,
+            standardize: bool | None = None, seed: int | None = None,
             device: str | None = None, dtype: str | None = None, data_dir: Any = None,
             pdf: bool = False) -> Any:
     """The ``agop rfm`` experiment: Deep RFM on a dataset, measured per layer and stage.
@@ -233,103 +433,88 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
     Sections 5.1–5.2, Figures 2, 3, 6. Trains on the first ``n`` training points (all if
     None), records f_l's accuracy on the first ``test_n`` test points (None: up to 1,000 where
     the dataset has a test split; 0: none). Writes into the run folder ``out`` (default
-    ``runs/rfm-<time>``): config.json, metrics.csv and checkpoint.pt after every layer,
-    gram/layer_XXX.npz (the Figure 2 Gram of a class-balanced subset of ≤ 500 training
-    points at a few layers), figures/ and summary.json at the end.
+    ``runs/rfm-<time>``): config.json, metrics.csv (:class:`LayerMeter`'s rows) and
+    checkpoint.pt after every layer, gram/layer_XXX.npz (the Figure 2 Gram of a
+    class-balanced subset of ≤ 500 training points at a few layers), figures/ and
+    summary.json at the end.
 
     Settings left None take :data:`RFM_DEFAULTS` (digits, depth 10, bandwidth 2, width 512,
-    ridgeless, Gaussian features, seed 0, device and dtype "auto").
+    ridgeless, Gaussian features, standardized inputs, seed 0, device and dtype "auto");
+    ``standardize=False`` runs Algorithm 1 as printed (rows only normalized).
 
     ``resume=DIR`` continues an interrupted run from its last finished layer and ends with
     exactly the numbers of an uninterrupted run (times aside). Settings passed with a resume
     must equal the run's, except ``data_dir`` and ``device`` (a run continued on another
-    device than it started on warns: its numbers then differ by rounding). Returns the
-    :class:`agop.experiments.records.RunDir`.
+    device than it started on warns and records the new one: its numbers then differ by
+    rounding).
+
+    Returns
+    -------
+    agop.experiments.records.RunDir
+        The run folder.
     """
-    from pathlib import Path
-
-    from tqdm.auto import tqdm
-
-    from agop.experiments.records import RunDir, default_run_dir
-
     given = dict(dataset=dataset, n=n, test_n=test_n, depth=depth, bandwidth=bandwidth,
-                 width=width, ridge=ridge, features=features, seed=seed, device=device,
-                 dtype=dtype, data_dir=None if data_dir is None else str(data_dir))
-    explicit = {k: v for k, v in given.items() if v is not None}
-    ckpt = None
-    if resume is not None:
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
-            raise ValueError(f"give either out or resume, not both ({out} vs {resume})")
-        run = RunDir.resume(resume, "rfm")
-        RunDir.check_settings(run.settings, {k: v for k, v in explicit.items()
-                                             if k not in _FREE_ON_RESUME})
-        settings = {**RFM_DEFAULTS, **run.settings,
-                    **{k: v for k, v in explicit.items() if k in _FREE_ON_RESUME}}
-        ckpt = run.load_checkpoint()
-    else:
-        settings = {**RFM_DEFAULTS, **explicit}
+                 width=width, ridge=ridge, features=features, standardize=standardize,
+                 seed=seed, device=device, dtype=dtype,
+                 data_dir=None if data_dir is None else str(data_dir))
+    start = start_run("rfm", RFM_DEFAULTS, given, out=out, resume=resume, free=_FREE_ON_RESUME)
+    s = start.settings
     for key in ("n", "test_n"):
-        if settings[key] is not None:
-            check_int(settings[key], key, minimum=0 if key == "test_n" else 2)
-    model = DeepRFM(settings["depth"], settings["bandwidth"], settings["width"],
-                    settings["ridge"], settings["features"], settings["seed"],
-                    settings["device"], dtype=settings["dtype"])
-    model._check_params()
-    if resume is not None and run.config.get("device") not in (None, str(model.device_)):
-        warnings.warn(f"{resume} started on {run.config['device']} and continues on "
-                      f"{model.device_}: its numbers will differ from an uninterrupted run by "
-                      "rounding", stacklevel=2)
-        run.update_config(device=str(model.device_))
+        if s[key] is not None:
+            check_int(s[key], key, minimum=0 if key == "test_n" else 2)
+    model = DeepRFM(depth=s["depth"], bandwidth=s["bandwidth"], width=s["width"],
+                    ridge=s["ridge"], features=s["features"], standardize=s["standardize"],
+                    seed=s["seed"], device=s["device"], dtype=s["dtype"])
+    dev = resolve_device(s["device"])
+    record_device(start, dev)
     started = time.perf_counter()
-    if model.device_.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device_)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
-    if ckpt is None:
-        train, test = _load_data(settings["dataset"], settings["n"], settings["test_n"],
-                                 settings["data_dir"])
-        steps = model.fit_iter(train.X, train.y, None if test is None else test.X,
-                               None if test is None else test.y)  # checks memory first
-        if resume is None:
-            run = RunDir.create(out if out is not None else default_run_dir("rfm"), "rfm", settings)
+    if start.checkpoint is None:
+        train, test = load_data(s["dataset"], s["n"], s["test_n"], s["data_dir"],
+                                test_cap=TEST_N_DEFAULT)
         n_test = 0 if test is None else len(test)
-        run.update_config(
-            device=str(model.device_), dtype=dtype_name(model.dtype_),
-            threads=torch.get_num_threads(),
-            data={"name": train.name, "train": len(train), "test": n_test,
-                  "dim": int(train.X.shape[1]), "classes": len(model.classes_),
-                  "class_names": [train.classes[c] for c in model.classes_],
-                  "image_shape": list(train.image_shape)},
-            memory_needed_bytes=model.memory_needed(len(train), int(train.X.shape[1]),
-                                                    len(model.classes_), n_test),
-            gram={"layers": gram_layers(model.depth),
-                  "points_per_class": max(1, GRAM_POINTS // len(model.classes_))},
-        )
+        dim = int(train.X.shape[1])
+        model.check_memory(len(train), dim, len(np.unique(train.y)), n_test)
+        steps = model.fit_iter(train.X, train.y)
+        meter = LayerMeter.for_model(model, None if test is None else test.X,
+                                     None if test is None else test.y)
+        run = start.create()  # only now: bad settings or data leave no folder behind
+        write_config(run, device=model.device_, dtype=dtype_name(model.dtype_),
+                     data=data_config(train, test, model.classes_),
+                     memory_needed_bytes=model.memory_needed(len(train), dim,
+                                                             len(model.classes_), n_test),
+                     gram={"layers": gram_layers(model.depth),
+                           "points_per_class": max(1, GRAM_POINTS // len(model.classes_))})
+        rows: list[dict[str, Any]] = []
     else:
-        model = DeepRFM.from_state_dict(ckpt["model"], device=settings["device"])
-        steps = model.resume_iter() if model.layers_done_ <= model.depth else iter(())
+        run = start.run
+        model, meter, rows = _restore(start.checkpoint, s["device"])
+        steps = model.resume_iter()
     data = run.config["data"]
     title = f"{data['name']}, N = {data['train']:,}"
-    y = to_numpy(model._y)  # class indices of the training points
-    subset = gram_subset(y, len(model.classes_))
+    K = len(model.classes_)
     keep = set(gram_layers(model.depth))
 
-    bar = tqdm(total=model.depth + 1, initial=model.layers_done_, disable=not progress,
-               desc="agop rfm", unit="layer")
-    try:
-        for step in steps:
-            if step.layer in keep:
-                rows_idx = torch.as_tensor(subset, device=step.inputs.device)
-                _save_gram(run, step.layer, step.inputs[rows_idx], y[subset])
-            run.write_metrics(model.history_, _metric_columns(model.history_))
-            run.save_checkpoint({"model": model.state_dict()})
-            bar.update(1)
-            bar.set_postfix(nc1=f"{step.rows[0]['nc1']:.3g}")
-    finally:
-        bar.close()
+    def on_step(step: LayerStep) -> dict[str, str]:
+        new = meter(step)
+        rows.extend(new)
+        if step.layer in keep:
+            y = to_numpy(step.y)  # class indices of the training points
+            subset = gram_subset(y, K)
+            idx = torch.as_tensor(subset, device=step.inputs.device)
+            _save_gram(run, step.layer, step.inputs[idx], y[subset])
+        run.write_metrics(rows, _metric_columns(rows))
+        run.save_checkpoint({"model": model.state_dict(), "measure": meter.state_dict(),
+                             "rows": rows})  # after the records it matches
+        return {"nc1": f"{new[0]['nc1']:.3g}"}
 
-    rows = model.history_
+    checkpoint_loop(steps, on_step, total=model.depth + 1, initial=model.layers_done_,
+                    progress=progress, desc="agop rfm", unit="layer")
+
     _figures(run, rows, data["class_names"], title, pdf)
-    summary = summarize(rows, load_grams(run.path), len(model.classes_))
+    summary = summarize(rows, load_grams(run.path), K)
     summary["wall_seconds"] = time.perf_counter() - started  # this invocation, data loading included
     if model.device_.type == "cuda":
         summary["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(model.device_))

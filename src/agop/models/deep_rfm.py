@@ -9,6 +9,14 @@ One layer l (rows are samples, so M^{1/2} X in the paper's column convention is 
 
 After L layers the features are normalized and solved once more (layer L + 1).
 
+The primitives (:func:`normalize_rows`, :func:`random_weights`, :func:`distance_matrix`,
+:func:`kernel_matrix`, :func:`kernel_predict`, :func:`solve_layer`, :func:`fit_layer`,
+:func:`apply_layer`, :func:`layer_memory`) take and return tensors. :class:`DeepRFM` is a
+scikit-learn classifier built from them; :meth:`DeepRFM.fit_iter` yields one
+:class:`LayerStep` per layer (the stage tensors and how the layer was fitted) and measures
+nothing: the collapse metrics of a run are taken by the experiment
+(:mod:`agop.experiments.rfm`).
+
 Scale of M: the authors' code divides M by its largest entry and the AGOP here carries the
 1/N of Section 3.3. Neither can change a result: M → cM gives X M^{1/2} → √c X M^{1/2} and,
 ReLU being positively homogeneous, σ(√c Z Wᵀ) = √c σ(Z Wᵀ), which the next normalization
@@ -18,16 +26,16 @@ measure the same too. Only rounding differs, so there is no option for it.
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.exceptions import NotFittedError
 
-from agop._validate import as_labels, check_int, check_matrix, check_positive, to_numpy
+from agop._validate import check_finite, check_int, check_matrix, check_positive, to_numpy
 from agop.agop import METHODS as AGOP_METHODS
 from agop.agop import kernel_agop, resolve_method
 from agop.backend import (dtype_name, format_bytes, memory_budget, parse_dtype, plan_rows,
@@ -36,15 +44,38 @@ from agop.kernels import KERNELS, RadialKernel, class_groups, get_kernel, pairwi
 from agop.linalg import psd_power
 from agop.solve import kernel_ridge, signed_one_hot
 
+__all__ = ["DeepRFM", "FEATURES", "FIT_INFO", "LayerFit", "LayerStep", "STEPS", "apply_layer",
+           "distance_matrix", "fit_layer", "kernel_matrix", "kernel_predict", "layer_memory",
+           "normalize_rows", "random_weights", "solve_layer"]
+
 FEATURES = ("gaussian", "uniform")
-STEPS = ("kernel", "solve", "agop", "sqrt", "features", "predict", "metrics")
+# the timed steps of one layer (Algorithm 1's own work; measurement is timed by the experiment)
+STEPS = ("kernel", "solve", "agop", "sqrt", "features")
+# the keys of one layer's fit information (DeepRFM.fit_info_, LayerStep.info), in this order
+FIT_INFO = ("layer", "jitter", "solve_dtype", "kernel_dtype", "dtype", "agop_method",
+            "agop_precision", "agop_fallback", "n", "dim", "seconds")
 
 
 # ----------------------------------------------------------------------------- layer primitives
 def normalize_rows(X: torch.Tensor, name: str = "X") -> torch.Tensor:
     """Each row scaled to unit Euclidean norm (Algorithm 1, "normalize the data").
 
-    A row of zeros has no direction: it raises ``ValueError`` naming the first such row.
+    Parameters
+    ----------
+    X : torch.Tensor
+        N × D.
+    name : str
+        What ``X`` is, for the error message.
+
+    Returns
+    -------
+    torch.Tensor
+        N × D, same dtype and device.
+
+    Raises
+    ------
+    ValueError
+        A row of zeros has no direction; the message names the first such row.
     """
     norms = X.norm(dim=1, keepdim=True)
     zero = norms[:, 0] == 0
@@ -60,9 +91,21 @@ def normalize_rows(X: torch.Tensor, name: str = "X") -> torch.Tensor:
 def random_weights(width: int, d_in: int, kind: str, generator: torch.Generator) -> torch.Tensor:
     """W ∈ R^{width × d_in}, drawn on the CPU in float64 (identical on every device).
 
-    ``"gaussian"``: i.i.d. N(0, 2/width), Proposition 5.1's scaling (E‖σ(Wx)‖² = ‖x‖²).
-    ``"uniform"``: U(−1/√d_in, 1/√d_in), PyTorch's ``nn.Linear`` default, which the authors'
-    scripts used.
+    Parameters
+    ----------
+    width, d_in : int
+        The shape of W.
+    kind : {"gaussian", "uniform"}
+        ``"gaussian"``: i.i.d. N(0, 2/width), Proposition 5.1's scaling (E‖σ(Wx)‖² = ‖x‖²).
+        ``"uniform"``: U(−1/√d_in, 1/√d_in), PyTorch's ``nn.Linear`` default, which the
+        authors' scripts used.
+    generator : torch.Generator
+        A CPU generator; it advances.
+
+    Returns
+    -------
+    torch.Tensor
+        width × d_in, float64, on the CPU.
     """
     if kind == "gaussian":
         return torch.randn(width, d_in, generator=generator, dtype=torch.float64) * (2.0 / width) ** 0.5
@@ -74,25 +117,58 @@ def random_weights(width: int, d_in: int, kind: str, generator: torch.Generator)
 
 @dataclass
 class LayerFit:
-    """What one Deep RFM layer learned from normalized inputs X (N × D)."""
+    """What one Deep RFM layer learned from normalized inputs X (N × D): what a solver returns.
 
-    coef: torch.Tensor  # α, N × K (in solve_dtype)
-    agop: torch.Tensor | None  # M, D × D (compute dtype); None for the final solve
-    sqrt_agop: torch.Tensor | None  # M^{1/2}, D × D, float64; None for the final solve
+    Attributes
+    ----------
+    coef : torch.Tensor
+        α, N × K, in ``solve_dtype``.
+    agop : torch.Tensor or None
+        M, D × D (compute dtype); None for the final solve.
+    sqrt_agop : torch.Tensor or None
+        M^{1/2}, D × D, float64; None for the final solve.
+    jitter : float
+        The diagonal jitter the solve needed (0: none).
+    solve_dtype, kernel_dtype : str
+        The dtype the solve succeeded in, and the one the kernel matrix was built in (float64
+        after a fallback).
+    fitted : torch.Tensor
+        f_l(X) at the training points, N × K.
+    seconds : dict
+        Seconds per step (``"kernel"``, ``"solve"``, ``"agop"``, ``"sqrt"``).
+    agop_info : dict
+        :func:`agop.kernel_agop`'s method, precision and fallback.
+    distances : torch.Tensor or None
+        N × N, kept for the AGOP's gram form only while it is computed.
+    """
+
+    coef: torch.Tensor
+    agop: torch.Tensor | None
+    sqrt_agop: torch.Tensor | None
     jitter: float
     solve_dtype: str
-    kernel_dtype: str  # dtype the kernel matrix was built in (float64 after a fallback)
-    fitted: torch.Tensor  # f_l(X) at the training points, N × K
+    kernel_dtype: str
+    fitted: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict)
-    agop_info: dict[str, Any] = field(default_factory=dict)  # kernel_agop's method and precision
-    distances: torch.Tensor | None = None  # N × N, kept for the AGOP's gram form
+    agop_info: dict[str, Any] = field(default_factory=dict)
+    distances: torch.Tensor | None = None
 
 
 def distance_matrix(X: torch.Tensor, groups: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """‖x_i − x_j‖ for all rows of X, N × N, built in row chunks (peak N² plus one chunk).
+    """‖x_i − x_j‖ for all rows of X, built in row chunks (peak N² plus one chunk).
 
-    Self-distances are exactly 0 (by index). ``groups``: distances about each class's mean
-    (:func:`agop.kernels.pairwise_distances`).
+    Parameters
+    ----------
+    X : torch.Tensor
+        N × D.
+    groups : list of torch.Tensor, optional
+        Row indices per class: distances are taken about each class's mean
+        (:func:`agop.kernels.pairwise_distances`).
+
+    Returns
+    -------
+    torch.Tensor
+        N × N in X's dtype; self-distances are exactly 0 (by index).
     """
     N = X.shape[0]
     item = X.element_size()
@@ -108,7 +184,22 @@ def distance_matrix(X: torch.Tensor, groups: list[torch.Tensor] | None = None) -
 
 def kernel_matrix(kernel: RadialKernel, X: torch.Tensor,
                   groups: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """k(X, X), N × N, from :func:`distance_matrix` in place (the diagonal is exactly k(0) = 1)."""
+    """k(X, X), N × N, from :func:`distance_matrix` in place (the diagonal is exactly k(0) = 1).
+
+    Parameters
+    ----------
+    kernel : RadialKernel
+        The kernel.
+    X : torch.Tensor
+        N × D.
+    groups : list of torch.Tensor, optional
+        As in :func:`distance_matrix`.
+
+    Returns
+    -------
+    torch.Tensor
+        N × N in X's dtype.
+    """
     return _kernel_in_place(kernel, distance_matrix(X, groups))
 
 
@@ -121,9 +212,25 @@ def _kernel_in_place(kernel: RadialKernel, dist: torch.Tensor) -> torch.Tensor:
 
 def kernel_predict(kernel: RadialKernel, P: torch.Tensor, centers: torch.Tensor,
                    coef: torch.Tensor, groups: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """f(P) = k(P, C) α (n × K) for points P (n × D), centers C (N × D), α (N × K), in row chunks.
+    """f(P) = k(P, C) α for points P and centers C, in row chunks.
 
-    Computed in the dtype of ``coef`` (the dtype the solve succeeded in).
+    Parameters
+    ----------
+    kernel : RadialKernel
+        The kernel.
+    P : torch.Tensor
+        n × D points.
+    centers : torch.Tensor
+        N × D centers C.
+    coef : torch.Tensor
+        α, N × K; the computation runs in its dtype (the dtype the solve succeeded in).
+    groups : list of torch.Tensor, optional
+        Class rows of the centers (distances about each class's mean).
+
+    Returns
+    -------
+    torch.Tensor
+        n × K.
     """
     dtype = coef.dtype
     P, centers = P.to(dtype), centers.to(dtype)
@@ -139,15 +246,35 @@ def kernel_predict(kernel: RadialKernel, P: torch.Tensor, centers: torch.Tensor,
 def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: float = 0.0,
                 groups: list[torch.Tensor] | None = None,
                 keep_distances: bool = False) -> LayerFit:
-    """Step 2 of Algorithm 1 on normalized inputs ``X`` (N × D), targets ``Y`` (N × K).
+    """Step 2 of Algorithm 1: the exact kernel ridge solve on normalized inputs.
 
     The kernel matrix is built and factored in X's dtype (float32 by default), retried in
     float64 by :func:`agop.solve.kernel_ridge` if that fails. If the float32 matrix itself is
     not positive definite (its entries are off by more than λ_min), it is rebuilt from the
-    features in float64 and solved there with kernel_ridge's jitter ladder. What was used is
-    returned (``kernel_dtype``, ``solve_dtype``, ``jitter``). Returns a :class:`LayerFit`
-    without AGOP; the kernel matrix and its factor are freed. ``keep_distances``: keep the
-    N × N distance matrix in ``LayerFit.distances`` (for the AGOP's gram form; N² more memory).
+    features in float64 and solved there with kernel_ridge's jitter ladder. The kernel matrix
+    and its factor are freed.
+
+    Parameters
+    ----------
+    X : torch.Tensor
+        N × D, rows of unit norm.
+    Y : torch.Tensor
+        N × K targets.
+    kernel : RadialKernel
+        The kernel.
+    ridge : float
+        μ ≥ 0.
+    groups : list of torch.Tensor, optional
+        Class rows (distances about each class's mean).
+    keep_distances : bool
+        Keep the N × N distance matrix in ``LayerFit.distances`` (for the AGOP's gram form;
+        N² more memory).
+
+    Returns
+    -------
+    LayerFit
+        Without AGOP; what was used is recorded (``kernel_dtype``, ``solve_dtype``,
+        ``jitter``) with the seconds of ``"kernel"`` and ``"solve"``.
     """
     seconds = {}
     t = time.perf_counter()
@@ -181,11 +308,33 @@ def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: f
 def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: float = 0.0,
               agop_method: str = "auto", groups: list[torch.Tensor] | None = None,
               try_float32: bool = True) -> LayerFit:
-    """Steps 2–3 of Algorithm 1 and M^{1/2} on normalized ``X`` (N × D), targets ``Y`` (N × K).
+    """Steps 2–3 of Algorithm 1 and M^{1/2} on normalized inputs.
 
     Solve as :func:`solve_layer`; the AGOP is computed in X's dtype (α cast to it) and M^{1/2}
     in float64. Seconds per step are recorded (with a device synchronization so GPU times are
     real).
+
+    Parameters
+    ----------
+    X : torch.Tensor
+        N × D, rows of unit norm.
+    Y : torch.Tensor
+        N × K targets.
+    kernel : RadialKernel
+        The kernel.
+    ridge : float
+        μ ≥ 0.
+    agop_method : {"auto", "direct", "gram"}
+        See :func:`agop.kernel_agop`.
+    groups : list of torch.Tensor, optional
+        Class rows (distances and gradients about each class's mean).
+    try_float32 : bool
+        Whether the gram form may try float32 first (see :func:`agop.kernel_agop`).
+
+    Returns
+    -------
+    LayerFit
+        With ``agop`` and ``sqrt_agop``.
     """
     N, D = X.shape
     method = resolve_method(agop_method, N, N, Y.shape[1], D, True)
@@ -208,7 +357,22 @@ def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: flo
 
 def apply_layer(X: torch.Tensor, sqrt_agop: torch.Tensor,
                 W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X M^{1/2}, σ(X M^{1/2} Wᵀ)) for normalized X (N × D): the "agop" and "features" stages."""
+    """Step 4 of Algorithm 1: the "agop" and "features" stages of normalized inputs.
+
+    Parameters
+    ----------
+    X : torch.Tensor
+        N × D, rows of unit norm.
+    sqrt_agop : torch.Tensor
+        M^{1/2}, D × D (cast to X's dtype).
+    W : torch.Tensor
+        width × D (cast to X's dtype).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        X M^{1/2} (N × D) and σ(X M^{1/2} Wᵀ) (N × width).
+    """
     Z = X @ sqrt_agop.to(X.dtype)
     return Z, torch.relu(Z @ W.to(X.dtype).T)
 
@@ -227,11 +391,16 @@ def layer_memory(n: int, d: int, k: int, width: int, *, n_test: int = 0,
     - AGOP: the ``"gram"`` form holds W and W² in float64 (:func:`agop.kernel_agop` plans with
       3n²) plus row chunks; the ``"direct"`` form is chunked to the free memory and needs
       2n·d + d² plus a chunk of rows (counted as min(n, 64));
-    - features: X M^{1/2} and σ(X M^{1/2} Wᵀ) for train and test points;
+    - features: X M^{1/2} and σ(X M^{1/2} Wᵀ) for train and ``n_test`` test points;
     - metrics: a float64 copy of a stage and its class-grouped residuals, on the device.
 
     Not reserved: a float32 Cholesky that fails is retried in float64, which needs up to
     20n² bytes (the float32 matrix, its float64 copy and factor).
+
+    Returns
+    -------
+    int
+        Bytes.
     """
     item = torch.tensor([], dtype=dtype).element_size()
     rows = n + n_test
@@ -252,81 +421,186 @@ def layer_memory(n: int, d: int, k: int, width: int, *, n_test: int = 0,
 # ----------------------------------------------------------------------------- the estimator
 @dataclass
 class LayerStep:
-    """What :meth:`DeepRFM.fit_iter` yields after each layer l = 1..L+1.
+    """What :meth:`DeepRFM.fit_iter` yields after each layer l = 1..L+1 (nothing is measured).
 
-    ``rows``: the history entries this layer added; ``inputs``: the normalized training
-    features entering layer l (N × D, compute dtype, on the device).
+    Attributes
+    ----------
+    layer : int
+        l, from 1; layer L + 1 is the final solve.
+    final : bool
+        Whether this is the final solve (it has no AGOP, W or features).
+    stages : dict of str to torch.Tensor
+        ``"input"``: the normalized training features X_l entering the layer (N × D); for
+        l ≤ L also ``"agop"``: X_l M_l^{1/2} (N × D) and ``"features"``: σ(X_l M_l^{1/2} W_lᵀ)
+        (N × width). Compute dtype, on the model's device.
+    y : torch.Tensor
+        The training labels as indices into ``classes_`` (N, int64, on the device).
+    fit : LayerFit
+        What the solver returned: α (``coef``), f_l at the training points (``fitted``),
+        M_l and M_l^{1/2}, dtypes, jitter, seconds.
+    train_acc : float
+        Accuracy of f_l on the training points.
+    info : dict
+        The layer's fit information (keys :data:`FIT_INFO`; also in ``DeepRFM.fit_info_``).
+    kernel : RadialKernel
+        The kernel of f_l.
+    centers : torch.Tensor
+        The centers of f_l (the training inputs X_l for the exact solve).
+    groups : list of torch.Tensor
+        Class rows of the centers (distances about each class's mean).
+    W : torch.Tensor or None
+        W_l (width × D, on the device); None for the final solve.
     """
 
     layer: int
-    rows: list[dict[str, Any]]
-    inputs: torch.Tensor
+    final: bool
+    stages: dict[str, torch.Tensor]
+    y: torch.Tensor
+    fit: LayerFit
+    train_acc: float
+    info: dict[str, Any]
+    kernel: RadialKernel
+    centers: torch.Tensor
+    groups: list[torch.Tensor]
+    W: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The normalized training features entering the layer, ``stages["input"]``."""
+        return self.stages["input"]
+
+    def predict(self, H: torch.Tensor) -> torch.Tensor:
+        """f_l(H), n × K, for inputs H of this layer (n × D, rows normalized as the fit did:
+        :func:`normalize_rows` of :meth:`DeepRFM.preprocess` or of :meth:`forward`)."""
+        return kernel_predict(self.kernel, H, self.centers, self.fit.coef, self.groups)
+
+    def forward(self, H: torch.Tensor) -> torch.Tensor:
+        """σ(H M_l^{1/2} W_lᵀ), n × width: the features of inputs H (n × D, rows normalized)
+        that enter layer l + 1 before its normalization. Not defined for the final solve."""
+        if self.final:
+            raise ValueError(f"layer {self.layer} is the final solve: it has no features")
+        return apply_layer(H, self.fit.sqrt_agop, self.W)[1]
 
 
-_PARAMS = ("depth", "bandwidth", "width", "ridge", "features", "seed", "device", "kernel",
-           "dtype", "agop_method")
+@dataclass(frozen=True)
+class _Validated:
+    device: torch.device
+    dtype: torch.dtype
+    kernel: RadialKernel
 
 
-class DeepRFM:
-    """Deep Recursive Feature Machine (Algorithm 1), measured stage by stage (Section 5.1).
+class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
+    """Deep Recursive Feature Machine (Algorithm 1) as a scikit-learn classifier and transformer.
 
-    Parameters (stored as given; checked by :meth:`fit`):
-        depth: L ≥ 1, the number of AGOP layers; a final kernel solve (layer L + 1) follows.
-        bandwidth: L of the kernel (Appendix C: 2.0).
-        width: rows of each random matrix W_l (the paper: 512).
-        ridge: μ ≥ 0 (the paper: 0, ridgeless; the authors' code effectively used 1e-3).
-        features: ``"gaussian"`` (W i.i.d. N(0, 2/width), Proposition 5.1) or ``"uniform"``
-            (``nn.Linear``'s default, as the authors' scripts did).
-        seed: seeds the CPU generator all W_l are drawn from, so every device gets the same W.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        kernel: ``"laplace"`` (the paper) or ``"gaussian"``.
-        dtype: compute dtype for kernels, solves and AGOPs; ``"auto"`` is
-            :func:`agop.backend.default_dtype` of the device. M^{1/2} and metrics are float64.
-        agop_method: ``"auto"``, ``"direct"`` or ``"gram"`` (see :func:`agop.kernel_agop`).
+    L layers each fit a kernel machine f_l to the ±1 one-hot targets, compute its AGOP M_l and
+    map the features through M_l^{1/2} and random features σ(· W_lᵀ); a final kernel machine
+    f_{L+1} on the last features predicts. Sections 5.1–5.2 of the paper measure neural
+    collapse at every layer: :meth:`fit_iter` yields each layer's stage tensors for that
+    (:mod:`agop.experiments.rfm` measures them), :meth:`fit` only fits.
 
-    Preprocessing (as the authors did): each input feature is standardized with training
-    statistics, (x − ``mean_``)/``scale_`` (population std); a feature constant in training
-    (``scale_`` 0) is set to 0. Targets are ±1 one-hot over ``classes_``.
+    Preprocessing: with ``standardize=True`` (the authors' scripts) each input feature is
+    standardized with training statistics, (x − ``mean_``)/``scale_`` (population std), a
+    feature constant in training (``scale_`` 0) set to 0; with ``standardize=False``
+    (Algorithm 1 as printed) the inputs are used as given. Either way each layer then
+    normalizes the rows. Labels may be any sortable values (``classes_``); targets are ±1
+    one-hot over ``classes_``.
 
-    Fitted attributes: ``classes_``, ``n_features_in_``, ``mean_``, ``scale_`` (float64 numpy),
-    ``sqrt_agops_`` (L tensors M_l^{1/2}, float64), ``weights_`` (L tensors W_l, float64),
-    ``coef_`` (α_{L+1}, N × K, in the dtype its solve succeeded in), ``X_fit_`` (normalized
-    training features of layer L + 1) and ``y_fit_`` (their class indices),
-    ``history_`` (one dict per layer and stage), ``layers_done_``, ``device_``, ``dtype_``.
+    Inputs may be numpy arrays (or anything scikit-learn accepts) or torch tensors on any
+    device. Outputs follow the input: :meth:`transform` and :meth:`decision_function` return a
+    tensor on the model's device for a tensor, a numpy array otherwise, as scikit-learn expects
+    (:meth:`predict` returns labels from ``classes_``, numpy).
+
+    Parameters
+    ----------
+    depth : int, default 10
+        L ≥ 1, the number of AGOP layers; a final kernel solve (layer L + 1) follows.
+    bandwidth : float, default 2.0
+        L of the kernel (Appendix C: 2.0).
+    width : int, default 512
+        Rows of each random matrix W_l (the paper: 512).
+    ridge : float, default 0.0
+        μ ≥ 0 (the paper: 0, ridgeless; the authors' code effectively used 1e-3).
+    features : {"gaussian", "uniform"}, default "gaussian"
+        W i.i.d. N(0, 2/width) (Proposition 5.1) or ``nn.Linear``'s default (the authors').
+    standardize : bool, default True
+        Standardize the input features first (the authors' preprocessing); False runs
+        Algorithm 1 as printed (rows only normalized).
+    seed : int, default 0
+        Seeds the CPU generator all W_l are drawn from, so every device gets the same W.
+    device : str, default "auto"
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    kernel : {"laplace", "gaussian"}, default "laplace"
+        The kernel (the paper: Laplace).
+    dtype : str, default "auto"
+        Compute dtype for kernels, solves and AGOPs; ``"auto"`` is
+        :func:`agop.backend.default_dtype`. M^{1/2} is float64.
+    agop_method : {"auto", "direct", "gram"}, default "auto"
+        See :func:`agop.kernel_agop`.
+
+    Attributes
+    ----------
+    classes_ : numpy.ndarray
+        The K class labels, sorted.
+    n_features_in_ : int
+        d, the number of input features.
+    mean_, scale_ : numpy.ndarray or None
+        Per-feature training mean and population std (float64, d); None without
+        standardization.
+    sqrt_agops_ : list of torch.Tensor
+        M_l^{1/2} (float64), l = 1..L.
+    weights_ : list of torch.Tensor
+        W_l (float64), l = 1..L.
+    coef_ : torch.Tensor
+        α_{L+1}, N × K, in the dtype its solve succeeded in.
+    X_fit_ : torch.Tensor
+        The normalized training features of layer L + 1 (the centers of f_{L+1}), N × D.
+    y_fit_ : torch.Tensor
+        Their class indices into ``classes_``.
+    fit_info_ : list of dict
+        One dict per layer (keys :data:`FIT_INFO`): jitter, dtypes, AGOP form, n, dim and the
+        seconds per step.
+    layers_done_ : int
+        Layers fitted so far (L + 1 once fitted).
+    device_ : torch.device
+        The device computed on.
+    dtype_ : torch.dtype
+        The compute dtype.
+    kernel_ : RadialKernel
+        The kernel object.
     """
 
-    def __init__(self, depth: int, bandwidth: float = 2.0, width: int = 512, ridge: float = 0.0,
-                 features: str = "gaussian", seed: int = 0, device: str = "auto",
-                 kernel: str = "laplace", dtype: str = "auto", agop_method: str = "auto"):
+    def __init__(self, *, depth: int = 10, bandwidth: float = 2.0, width: int = 512,
+                 ridge: float = 0.0, features: str = "gaussian", standardize: bool = True,
+                 seed: int = 0, device: str = "auto", kernel: str = "laplace",
+                 dtype: str = "auto", agop_method: str = "auto"):
         self.depth = depth
         self.bandwidth = bandwidth
         self.width = width
         self.ridge = ridge
         self.features = features
+        self.standardize = standardize
         self.seed = seed
         self.device = device
         self.kernel = kernel
         self.dtype = dtype
         self.agop_method = agop_method
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor parameters (scikit-learn convention)."""
-        return {p: getattr(self, p) for p in _PARAMS}
-
-    def set_params(self, **params: Any) -> "DeepRFM":
-        """Set constructor parameters (scikit-learn convention); unknown names raise ValueError."""
-        for name, value in params.items():
-            if name not in _PARAMS:
-                raise ValueError(f"DeepRFM has no parameter {name!r}; parameters: {_PARAMS}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{p}={getattr(self, p)!r}" for p in _PARAMS)
-        return f"DeepRFM({args})"
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # transform gives the features of the final layer, in the compute dtype
+        tags.transformer_tags.preserves_dtype = []
+        tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = False
+        tags.target_tags.single_output = True
+        tags.target_tags.multi_output = False
+        tags.classifier_tags.multi_label = False
+        tags.non_deterministic = False  # a seed fixes every W_l
+        return tags
 
     # -- checks ---------------------------------------------------------------------------
-    def _check_params(self) -> None:
+    def _validated(self) -> _Validated:
+        """The parameters checked (ValueError naming the bad one); returns the resolved device,
+        dtype and kernel without setting anything."""
         check_int(self.depth, "depth", minimum=1)
         check_positive(self.bandwidth, "bandwidth")
         check_int(self.width, "width", minimum=1)
@@ -334,105 +608,184 @@ class DeepRFM:
         check_int(self.seed, "seed", minimum=0)
         if self.features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}; got {self.features!r}")
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise ValueError(f"standardize must be True or False; got {self.standardize!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {tuple(KERNELS)}; got {self.kernel!r}")
         if self.agop_method not in AGOP_METHODS:
             raise ValueError(f"agop_method must be one of {AGOP_METHODS}; got {self.agop_method!r}")
-        self.device_ = resolve_device(self.device)
-        self.dtype_ = parse_dtype(self.dtype, self.device_)
-        self.kernel_ = get_kernel(self.kernel, self.bandwidth)
+        return _Validated(resolve_device(self.device), parse_dtype(self.dtype),
+                          get_kernel(self.kernel, self.bandwidth))
+
+    def _check_started(self) -> None:
+        if not hasattr(self, "n_features_in_"):
+            raise NotFittedError(
+                "this DeepRFM is not fitted yet (or its fit was interrupted); call fit first")
 
     def _check_fitted(self) -> None:
         if getattr(self, "coef_", None) is None:
-            raise ValueError(
+            raise NotFittedError(
                 "this DeepRFM is not fitted yet (or its fit was interrupted); call fit first"
             )
 
-    def _labels(self, y: Any, n: int, name: str) -> np.ndarray:
-        """Validate labels and map them to indices into ``classes_`` (−1: not a training class,
-        which no prediction can match)."""
-        arr, _ = as_labels(y, n, name=name, min_classes=1, require_all=False)
-        idx = np.searchsorted(self.classes_, arr)
-        K = len(self.classes_)
-        seen = (idx < K) & (self.classes_[np.minimum(idx, K - 1)] == arr)
-        return np.where(seen, idx, -1)
+    def _check_X(self, X: Any, name: str, *, reset: bool) -> Any:
+        """X validated as an n × d finite real matrix: a tensor stays as is (on its device);
+        anything else goes through scikit-learn's ``validate_data`` (feature names, dtypes)."""
+        min_rows = 2 if reset else 1
+        try:
+            shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
+        except TypeError:  # an array-like that refuses numpy's functions: convert it
+            X = np.asarray(X)
+            shape = X.shape
+        if len(shape) == 2 and shape[0] < min_rows:
+            raise ValueError(f"{name} must have at least {min_rows} row(s); got {shape[0]} "
+                             f"sample(s), shape {shape}")
+        if isinstance(X, torch.Tensor):
+            if X.is_complex():
+                raise ValueError(f"{name} must be real-valued; got dtype {X.dtype}")
+            check_matrix(X, name, min_rows=min_rows)
+            if reset:
+                self.n_features_in_ = int(X.shape[1])
+                if hasattr(self, "feature_names_in_"):
+                    del self.feature_names_in_
+            self._check_n_features(X, name)
+            return X
+        from sklearn.utils.validation import validate_data
 
-    def _standardize(self, X: Any, name: str) -> torch.Tensor:
-        """(X − mean_)/scale_ in float64, then cast to the compute dtype on the device.
+        arr = np.asarray(X) if not hasattr(X, "dtype") else X
+        if getattr(arr, "dtype", None) is not None and arr.dtype.kind in "fc":
+            check_finite(arr, name)  # the message names the first bad index
+        X = validate_data(self, X, reset=reset, ensure_min_samples=min_rows,
+                          ensure_all_finite=True)
+        check_matrix(X, name, min_rows=min_rows)
+        return X
 
-        Rows are normalized where each layer starts, exactly as during the fit, so that
-        :meth:`transform` reproduces the fit's features bit for bit.
-        """
-        X = _as_array(X)
-        check_matrix(X, name)
+    def _check_n_features(self, X: Any, name: str) -> None:
         if X.shape[1] != self.n_features_in_:
             raise ValueError(
-                f"{name} has {X.shape[1]} feature(s) per sample but the model was fitted on "
-                f"{self.n_features_in_}"
+                f"{name} has {X.shape[1]} features, but DeepRFM is expecting "
+                f"{self.n_features_in_} features as input"
             )
-        X64 = torch.as_tensor(to_numpy(X), dtype=torch.float64, device=self.device_)
-        mean = torch.as_tensor(self.mean_, device=self.device_)
-        scale = torch.as_tensor(self.scale_, device=self.device_)
-        inv = torch.where(scale > 0, 1.0 / scale.clamp(min=torch.finfo(torch.float64).tiny),
-                          torch.zeros_like(scale))
-        Z = ((X64 - mean) * inv).to(self.dtype_)
-        normalize_rows(Z, f"{name} after standardization")  # a zero row raises here, up front
+
+    def preprocess(self, X: Any) -> torch.Tensor:
+        """X as a fitted (or fitting) model sees it before layer 1's row normalization.
+
+        Validated, standardized with the training statistics when ``standardize=True``
+        (computed in float64), cast to the compute dtype on the device. Available as soon as
+        :meth:`fit_iter` has been called, so that an experiment can carry test points through
+        the layers as the fit goes (:meth:`LayerStep.predict`, :meth:`LayerStep.forward`).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            n × d.
+
+        Returns
+        -------
+        torch.Tensor
+            n × d, compute dtype, on the device. A row that would be all zeros raises here.
+        """
+        self._check_started()
+        return self._preprocess(self._check_X(X, "X", reset=False), "X")
+
+    def _preprocess(self, X: Any, name: str) -> torch.Tensor:
+        # rows are normalized where each layer starts, exactly as during the fit, so that
+        # transform reproduces the fit's features bit for bit
+        X64 = _float64(X, self.device_)
+        if self.mean_ is not None:
+            mean = torch.as_tensor(self.mean_, device=self.device_)
+            scale = torch.as_tensor(self.scale_, device=self.device_)
+            inv = torch.where(scale > 0, 1.0 / scale.clamp(min=torch.finfo(torch.float64).tiny),
+                              torch.zeros_like(scale))
+            X64 = (X64 - mean) * inv
+            where = f"{name} after standardization"
+        else:
+            where = name
+        Z = X64.to(self.dtype_)
+        normalize_rows(Z, where)  # a zero row raises here, up front
         return Z
 
-    # -- fitting --------------------------------------------------------------------------
-    def fit(self, X: Any, y: Any, X_test: Any = None, y_test: Any = None) -> "DeepRFM":
-        """Run Algorithm 1 on X (N × d) with labels y (N); with test data, record f_l's accuracy.
+    def _labels(self, y: Any, n: int) -> np.ndarray:
+        """Training labels validated; sets ``classes_`` and returns indices into it."""
+        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.validation import column_or_1d
 
-        Returns self. See :meth:`fit_iter` for a layer-by-layer version.
+        y = column_or_1d(to_numpy(y), warn=True)
+        if y.shape[0] != n:
+            raise ValueError(f"y has {y.shape[0]} label(s) but X has {n} row(s); they must "
+                             "match one label per sample")
+        check_classification_targets(y)
+        self.classes_, idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y must hold at least 2 classes; got 1 class "
+                             f"({self.classes_[0]!r})")
+        return idx.astype(np.int64)
+
+    # -- fitting --------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any) -> "DeepRFM":
+        """Run Algorithm 1 on X (N × d) with labels y (N).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            N × d training inputs (a tensor stays on its device until moved to ``device``).
+        y : array-like
+            N labels, at least 2 classes.
+
+        Returns
+        -------
+        DeepRFM
+            self, fitted. See :meth:`fit_iter` for a layer-by-layer version.
         """
-        for _ in self.fit_iter(X, y, X_test, y_test):
+        for _ in self.fit_iter(X, y):
             pass
         return self
 
-    def fit_iter(self, X: Any, y: Any, X_test: Any = None, y_test: Any = None) -> Iterator[LayerStep]:
+    def fit_iter(self, X: Any, y: Any) -> Iterator[LayerStep]:
         """Check the input and return a generator that fits one layer per step.
 
-        It yields a :class:`LayerStep` after each layer l = 1..L+1; between steps
-        :meth:`state_dict` is a checkpoint from which :meth:`from_state_dict` and
-        :meth:`resume_iter` continue with exactly the same numbers. Input errors and a run
-        that cannot fit in memory raise here, before any layer runs.
-        """
-        self._check_params()
-        X, X_test = _as_array(X), None if X_test is None else _as_array(X_test)
-        check_matrix(X, "X", min_rows=2)
-        N = X.shape[0]
-        labels, _ = as_labels(y, N, name="y", min_classes=2, require_all=False)
-        if (X_test is None) != (y_test is None):
-            raise ValueError("X_test and y_test must be given together (test accuracy needs both)")
-        self.classes_ = np.unique(labels)
-        self.n_features_in_ = int(X.shape[1])
-        y_idx = self._labels(labels, N, "y")
-        yte_idx = None
-        if X_test is not None:
-            check_matrix(X_test, "X_test")
-            yte_idx = self._labels(y_test, X_test.shape[0], "y_test")
-        n_test = 0 if X_test is None else int(X_test.shape[0])
-        self.check_memory(N, self.n_features_in_, len(self.classes_), n_test)
+        Input errors and a fit that cannot fit in memory raise here, before any layer runs.
+        Between steps :meth:`state_dict` is a checkpoint from which :meth:`from_state_dict`
+        and :meth:`resume_iter` continue with exactly the same numbers.
 
-        X64 = torch.as_tensor(to_numpy(X), dtype=torch.float64)
-        self.mean_ = X64.mean(dim=0).numpy()
-        self.scale_ = X64.std(dim=0, correction=0).numpy()
-        del X64
+        Parameters
+        ----------
+        X, y
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        iterator of LayerStep
+            One per layer l = 1..L+1.
+        """
+        v = self._validated()
+        X = self._check_X(X, "X", reset=True)
+        N = X.shape[0]
+        y_idx = self._labels(y, N)
+        self.device_, self.dtype_, self.kernel_ = v.device, v.dtype, v.kernel
+        self.check_memory(N, self.n_features_in_, len(self.classes_))
+
+        if self.standardize:
+            X64 = _float64(X)
+            self.mean_ = X64.mean(dim=0).numpy()
+            self.scale_ = X64.std(dim=0, correction=0).numpy()
+            del X64
+        else:
+            self.mean_ = self.scale_ = None
         self.sqrt_agops_, self.weights_ = [], []
         self.coef_ = self.X_fit_ = self.y_fit_ = None
-        self.history_ = []
+        self.fit_info_ = []
         self.layers_done_ = 0
-        self._generator = torch.Generator().manual_seed(int(self.seed))
-        self._train = self._standardize(X, "X")
-        self._test = None if X_test is None else self._standardize(X_test, "X_test")
+        self._rng_state = torch.Generator().manual_seed(int(self.seed)).get_state()
+        self._train = self._preprocess(X, "X")
         self._y = torch.as_tensor(y_idx, device=self.device_)
         self._groups = class_groups(self._y, len(self.classes_))
-        self._y_test = None if yte_idx is None else torch.as_tensor(yte_idx, device=self.device_)
         return self._run()
 
     def resume_iter(self) -> Iterator[LayerStep]:
-        """Continue a fit restored by :meth:`from_state_dict` (a generator like :meth:`fit_iter`)."""
-        if getattr(self, "_train", None) is None and self.layers_done_ <= self.depth:
+        """Continue a fit restored by :meth:`from_state_dict` (a generator like :meth:`fit_iter`;
+        empty if the fit had finished)."""
+        if getattr(self, "_train", None) is None and getattr(self, "layers_done_", 0) <= self.depth:
             raise ValueError("nothing to resume: this DeepRFM holds no fit in progress")
         return self._run()
 
@@ -441,48 +794,45 @@ class DeepRFM:
             while self.layers_done_ <= self.depth:
                 yield self._step()
 
+    def _solve(self, Xn: torch.Tensor, Y: torch.Tensor, final: bool,
+               try_float32: bool) -> LayerFit:
+        """The layer's solver: the exact kernel solve (and, before the final layer, the AGOP and
+        M^{1/2}). Another solver returns a :class:`LayerFit` the same way."""
+        if final:
+            return solve_layer(Xn, Y, self.kernel_, self.ridge, self._groups)
+        return fit_layer(Xn, Y, self.kernel_, self.ridge, self.agop_method, self._groups,
+                         try_float32=try_float32)
+
+    def _draw_weights(self, d_in: int) -> torch.Tensor:
+        gen = torch.Generator()
+        gen.set_state(self._rng_state)
+        W = random_weights(self.width, d_in, self.features, gen)
+        self._rng_state = gen.get_state()
+        return W
+
     def _step(self) -> LayerStep:
         l = self.layers_done_ + 1
         final = l == self.depth + 1
-        kernel, dev = self.kernel_, self.device_
+        dev = self.device_
         Xn = normalize_rows(self._train, f"layer {l} training features")
-        Xte = None if self._test is None else normalize_rows(self._test, f"layer {l} test features")
         Y = signed_one_hot(self._y, len(self.classes_), self.dtype_)
-
-        groups = self._groups
-        if final:
-            fit = solve_layer(Xn, Y, kernel, self.ridge, groups)
-        else:
-            # classes only collapse further: once the float32 gram form was refused, skip it
-            refused = any(r.get("agop_fallback") for r in self.history_)
-            fit = fit_layer(Xn, Y, kernel, self.ridge, self.agop_method, groups,
-                            try_float32=not refused)
+        # classes only collapse further: once the float32 gram form was refused, skip it
+        refused = any(info["agop_fallback"] for info in self.fit_info_)
+        fit = self._solve(Xn, Y, final, try_float32=not refused)
         seconds = dict(fit.seconds)
-        train_acc = _accuracy(fit.fitted, self._y)
-        test_acc = None
-        if Xte is not None:
-            t = time.perf_counter()
-            test_acc = _accuracy(kernel_predict(kernel, Xte, Xn, fit.coef, groups), self._y_test)
-            synchronize(dev)
-            seconds["predict"] = time.perf_counter() - t
 
         stages = {"input": Xn}
+        W = None
         if not final:
-            W = random_weights(self.width, Xn.shape[1], self.features, self._generator).to(dev)
+            W = self._draw_weights(Xn.shape[1]).to(dev)
             t = time.perf_counter()
             stages["agop"], stages["features"] = apply_layer(Xn, fit.sqrt_agop, W)
-            next_test = None if Xte is None else apply_layer(Xte, fit.sqrt_agop, W)[1]
             synchronize(dev)
             seconds["features"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        metrics = {s: _measure(H, self._y, len(self.classes_)) for s, H in stages.items()}
-        seconds["metrics"] = time.perf_counter() - t
-
         N, D = Xn.shape
-        common = {
-            "train_acc": train_acc,
-            "test_acc": test_acc,
+        info = {
+            "layer": l,
             "jitter": fit.jitter,
             "solve_dtype": fit.solve_dtype,
             "kernel_dtype": fit.kernel_dtype,
@@ -492,30 +842,35 @@ class DeepRFM:
             "agop_fallback": bool(fit.agop_info.get("fallback")),
             "n": N,
             "dim": D,
-            # Algorithm 1's own work; test predictions and metrics are measurement
-            "seconds": sum(v for k, v in seconds.items() if k not in ("predict", "metrics")),
-            **{f"seconds_{k}": seconds.get(k) for k in STEPS},
+            "seconds": {k: seconds[k] for k in STEPS if k in seconds},
         }
-        rows = [{"layer": l, "stage": s, **metrics[s], **common} for s in stages]
-
+        step = LayerStep(layer=l, final=final, stages=stages, y=self._y, fit=fit,
+                         train_acc=_accuracy(fit.fitted, self._y), info=info,
+                         kernel=self.kernel_, centers=Xn, groups=self._groups, W=W)
         if final:
             self.coef_ = fit.coef
             self.X_fit_ = Xn
             self.y_fit_ = self._y
-            self._train = self._test = None
+            self._train = None
         else:
             self.sqrt_agops_.append(fit.sqrt_agop)
             self.weights_.append(W)
-            self._train, self._test = stages["features"], next_test
-        self.history_.extend(rows)
+            self._train = stages["features"]
+        self.fit_info_.append(info)
         self.layers_done_ = l
-        return LayerStep(layer=l, rows=rows, inputs=Xn)
+        return step
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the fit (or use the fitted model), as CPU tensors.
 
         Valid between the steps of :meth:`fit_iter`; safe for ``torch.load(weights_only=True)``.
+
+        Returns
+        -------
+        dict
+            Format 2: the parameters, the fitted attributes, the generator state, the current
+            training features and labels.
         """
         if not hasattr(self, "layers_done_"):
             raise ValueError("this DeepRFM has not started fitting; nothing to save")
@@ -523,59 +878,84 @@ class DeepRFM:
         def cpu(t):
             return None if t is None else t.detach().cpu()
 
+        def array(a):
+            return None if a is None else torch.as_tensor(a)
+
         return {
-            "format": 1,
-            "params": {p: str(v) if p in ("device", "dtype") else v
+            "format": 2,
+            "params": {p: str(v) if p in ("device", "dtype") else
+                       bool(v) if p == "standardize" else v
                        for p, v in self.get_params().items()},
             "dtype_": dtype_name(self.dtype_),
             "layers_done": self.layers_done_,
-            "classes": torch.as_tensor(self.classes_),
+            "classes": self.classes_.tolist(),
             "n_features_in": self.n_features_in_,
-            "mean": torch.as_tensor(self.mean_),
-            "scale": torch.as_tensor(self.scale_),
+            "mean": array(self.mean_),
+            "scale": array(self.scale_),
             "sqrt_agops": [cpu(t) for t in self.sqrt_agops_],
             "weights": [cpu(t) for t in self.weights_],
-            "history": [dict(r) for r in self.history_],
-            "generator": self._generator.get_state(),
+            "fit_info": [dict(info, seconds=dict(info["seconds"])) for info in self.fit_info_],
+            "generator": self._rng_state,
             "train": cpu(getattr(self, "_train", None)),
-            "test": cpu(getattr(self, "_test", None)),
-            "y": cpu(getattr(self, "_y", None)),
-            "y_test": cpu(getattr(self, "_y_test", None)),
+            "y": cpu(self._y),
             "coef": cpu(self.coef_),
             "X_fit": cpu(self.X_fit_),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: str | None = None) -> "DeepRFM":
-        """Rebuild a model (fitted or mid-fit) from :meth:`state_dict` (``device``: override).
+        """Rebuild a model (fitted or mid-fit) from :meth:`state_dict`.
 
         Continuing on the device and dtype of the original run gives exactly its numbers.
+        Checkpoints of format 1 (which also held measurement rows) are read too.
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict` (e.g. ``torch.load(f, weights_only=True)``).
+        device : str, optional
+            Override the stored device.
+
+        Returns
+        -------
+        DeepRFM
         """
-        if state.get("format") != 1:
-            raise ValueError(f"unknown DeepRFM checkpoint format {state.get('format')!r}")
+        fmt = state.get("format")
+        if fmt not in (1, 2):
+            raise ValueError(f"unknown DeepRFM checkpoint format {fmt!r}")
         params = dict(state["params"])
         if device is not None:
             params["device"] = device
         model = cls(**params)
-        model._check_params()
-        model.dtype_ = parse_dtype(state["dtype_"], model.device_)
+        v = model._validated()
+        model.device_, model.kernel_ = v.device, v.kernel
+        model.dtype_ = parse_dtype(state["dtype_"])
         dev = model.device_
 
         def put(t):
             return None if t is None else t.to(dev)
 
+        def array(t):
+            return None if t is None else t.numpy()
+
         model.layers_done_ = int(state["layers_done"])
-        model.classes_ = state["classes"].numpy()
+        classes = state["classes"]
+        # format 1 stored integer classes as a tensor, format 2 as a list (labels of any kind)
+        model.classes_ = (classes.numpy() if isinstance(classes, torch.Tensor)
+                          else np.asarray(classes))
         model.n_features_in_ = int(state["n_features_in"])
-        model.mean_ = state["mean"].numpy()
-        model.scale_ = state["scale"].numpy()
+        model.mean_ = array(state["mean"])
+        model.scale_ = array(state["scale"])
         model.sqrt_agops_ = [put(t) for t in state["sqrt_agops"]]
         model.weights_ = [put(t) for t in state["weights"]]
-        model.history_ = [dict(r) for r in state["history"]]
-        model._generator = torch.Generator()
-        model._generator.set_state(state["generator"])
-        for name in ("train", "test", "y", "y_test"):
-            setattr(model, f"_{name}", put(state[name]))
+        if fmt == 1:
+            model.fit_info_ = _info_from_rows(state["history"])
+        else:
+            model.fit_info_ = [dict(info, seconds=dict(info["seconds"]))
+                               for info in state["fit_info"]]
+        model._rng_state = state["generator"]
+        model._train = put(state["train"])
+        model._y = put(state["y"])
         model.coef_ = put(state["coef"])
         model.X_fit_ = put(state["X_fit"])
         model.y_fit_ = model._y if model.coef_ is not None else None
@@ -587,11 +967,23 @@ class DeepRFM:
         """Estimated peak bytes of the largest layer of this model on n points of dimension d.
 
         Layer 1 works in d dimensions, layers 2..L+1 in ``width``; see :func:`layer_memory`.
+        Needs no fit (the parameters are checked).
+
+        Parameters
+        ----------
+        n, d, k : int
+            Training points, input dimension, classes.
+        n_test : int
+            Test points carried through the layers beside the fit.
+
+        Returns
+        -------
+        int
+            Bytes.
         """
-        if not hasattr(self, "dtype_"):
-            self._check_params()
-        kw = dict(n_test=n_test, dtype=self.dtype_, ridge=float(self.ridge),
-                  agop_method=self.agop_method, device=self.device_)
+        v = self._validated()
+        kw = dict(n_test=n_test, dtype=v.dtype, ridge=float(self.ridge),
+                  agop_method=self.agop_method, device=v.device)
         return max(layer_memory(n, d, k, self.width, **kw),
                    layer_memory(n, self.width, k, self.width, **kw))
 
@@ -599,24 +991,44 @@ class DeepRFM:
         """Raise ``MemoryError`` (with the size needed) if a fit cannot fit on the device.
 
         Compares :meth:`memory_needed` with :func:`agop.backend.memory_budget` (all of the
-        free memory, capped by ``$AGOP_MEMORY_GB``). Returns the bytes needed.
+        free memory, capped by ``$AGOP_MEMORY_GB``). Needs no fit.
+
+        Returns
+        -------
+        int
+            The bytes needed.
         """
+        v = self._validated()
         need = self.memory_needed(n, d, k, n_test)
-        have = memory_budget(self.device_, fraction=1.0)
+        have = memory_budget(v.device, fraction=1.0)
         if need > have:
             raise MemoryError(
                 f"Deep RFM on {n:,} points (dimension {d}, width {self.width}, {k} classes, "
-                f"{dtype_name(self.dtype_)}) needs about {format_bytes(need)} on {self.device_} "
+                f"{dtype_name(v.dtype)}) needs about {format_bytes(need)} on {v.device} "
                 f"but only {format_bytes(have)} is free; use fewer points (--n)"
             )
         return need
 
     # -- using the fitted model -----------------------------------------------------------
-    def transform(self, X: Any, layer: int | None = None) -> torch.Tensor:
-        """Normalized features entering layer ``layer`` (1..L+1; None: L+1, the final ones).
+    def transform(self, X: Any, layer: int | None = None) -> Any:
+        """Normalized features entering layer ``layer``.
 
-        X: n × d raw inputs. Returns an n × D tensor (compute dtype, on the device).
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            n × d raw inputs.
+        layer : int, optional
+            1..L+1 (None: L + 1, the final features).
+
+        Returns
+        -------
+        torch.Tensor or numpy.ndarray
+            n × D, compute dtype: a tensor on the device for a tensor ``X``, else numpy.
         """
+        H = self._features(X, layer)
+        return H if isinstance(X, torch.Tensor) else to_numpy(H)
+
+    def _features(self, X: Any, layer: int | None = None) -> torch.Tensor:
         self._check_fitted()
         if layer is None:
             layer = self.depth + 1
@@ -624,40 +1036,72 @@ class DeepRFM:
         if layer > self.depth + 1:
             raise ValueError(f"layer must be in 1..{self.depth + 1}; got {layer}")
         with strict_fp32():
-            H = self._standardize(X, "X")
+            H = self.preprocess(X)
             for j in range(layer - 1):
                 H = apply_layer(normalize_rows(H, f"layer {j + 1} features"),
                                 self.sqrt_agops_[j], self.weights_[j])[1]
             return normalize_rows(H, f"layer {layer} features")
 
-    def decision_function(self, X: Any) -> torch.Tensor:
-        """f_{L+1}(X): the n × K outputs of the final kernel machine (±1 targets)."""
-        H = self.transform(X)
+    def decision_function(self, X: Any) -> Any:
+        """f_{L+1}(X): the outputs of the final kernel machine (±1 one-hot targets).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            n × d raw inputs.
+
+        Returns
+        -------
+        torch.Tensor or numpy.ndarray
+            n × K, column k the output for ``classes_[k]``; for K = 2 scikit-learn's (n,)
+            score of ``classes_[1]`` (the targets are ±1, so f_0 = −f_1 exactly and the score
+            is positive where ``classes_[1]`` is predicted). A tensor on the model's device
+            for a tensor ``X``, else numpy.
+        """
+        scores = self._scores(X)
+        if len(self.classes_) == 2:
+            scores = scores[:, 1]
+        return scores if isinstance(X, torch.Tensor) else to_numpy(scores)
+
+    def _scores(self, X: Any) -> torch.Tensor:
+        H = self._features(X)
         with strict_fp32():
             return kernel_predict(self.kernel_, H, self.X_fit_, self.coef_, self._groups)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted labels (n,), the class with the largest output of f_{L+1}."""
-        scores = self.decision_function(X)
-        return self.classes_[to_numpy(scores.argmax(dim=1))]
+        """Predicted labels (n,) from ``classes_``: the class with the largest output of f_{L+1}."""
+        idx = to_numpy(self._scores(X).argmax(dim=1))
+        return self.classes_[idx]
 
-    def score(self, X: Any, y: Any) -> float:
-        """Accuracy of :meth:`predict` on (X, y) (a label not seen in training counts as wrong)."""
-        X = _as_array(X)
-        yy = self._labels(y, X.shape[0], "y")
-        return float(np.mean(to_numpy(self.decision_function(X).argmax(dim=1)) == yy))
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy of :meth:`predict` on (X, y); a label not seen in training counts as wrong."""
+        from sklearn.metrics import accuracy_score
+        from sklearn.utils.validation import column_or_1d
+
+        return float(accuracy_score(column_or_1d(to_numpy(y)), self.predict(X),
+                                    sample_weight=sample_weight))
 
 
-def _as_array(X: Any) -> Any:
-    """A tensor stays as is (on its device); anything else becomes a numpy array."""
-    return X if isinstance(X, torch.Tensor) else np.asarray(X)
+def _float64(X: Any, device: torch.device | None = None) -> torch.Tensor:
+    """X as a float64 tensor (a read-only array, e.g. a memory map, is copied first)."""
+    a = to_numpy(X)
+    if not a.flags.writeable:
+        a = np.array(a, dtype=np.float64)  # torch wants writable memory; the same values
+    return torch.as_tensor(a, dtype=torch.float64, device=device)
 
 
 def _accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
     return float((scores.argmax(dim=1) == y).double().mean())
 
 
-def _measure(H: torch.Tensor, y: torch.Tensor, K: int) -> dict[str, float]:
-    from agop.collapse import measure
-
-    return measure(H, y, num_classes=K)
+def _info_from_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-layer fit information from the measurement rows of a format-1 checkpoint."""
+    out = []
+    for r in rows:
+        if r.get("stage") == "input":
+            info = {k: r.get(k) for k in FIT_INFO if k != "seconds"}
+            info["agop_fallback"] = bool(info["agop_fallback"])
+            info["seconds"] = {k: r[f"seconds_{k}"] for k in STEPS
+                               if r.get(f"seconds_{k}") is not None}
+            out.append(info)
+    return out

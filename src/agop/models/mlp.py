@@ -1,4 +1,4 @@
-"""The MLP study (Section 4, Appendices B.2, B.3, C) and the ``agop mlp`` experiment.
+"""The MLP of the paper's Section 4 (Appendices B.2, B.3, C): the network, its training, its probes.
 
 - :class:`MLP`: the paper's network, ``depth`` × [Linear without bias, ReLU] and a linear readout.
 - :class:`Trainer` / :func:`train`: Adam on the mean squared error to ±1 one-hot targets.
@@ -8,7 +8,10 @@
   ρ(W_lᵀW_l, AGOP_l) and ρ(W_lᵀW_l, AGOP_l^{1/2}) (Figure 8).
 - :func:`layer_agops`: the AGOP w.r.t. the input of every Linear layer of a stack, from one
   backward pass per output.
-- :func:`run_mlp`: the experiment with a run folder, checkpoints and resume.
+- :func:`layer_stages`: the three stages of one layer, the tensors :func:`probe` measures.
+
+The experiment (settings, run folder, checkpoints, headline numbers) is
+:mod:`agop.experiments.mlp`; nothing here knows of run folders.
 
 Conventions: samples are rows; the AGOP carries the 1/N of Section 3.3; models compute in float32
 (``agop.backend.default_dtype``, TF32 off) and every metric is accumulated in float64; inputs are
@@ -18,11 +21,9 @@ the dataset's flattened pixels in [0, 1] with no further preprocessing.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -39,13 +40,13 @@ __all__ = [
     "MLP",
     "PRESETS",
     "STAGES",
+    "EpochStep",
     "Trainer",
     "correlation",
     "layer_agops",
     "layer_stages",
     "measurement_epochs",
     "probe",
-    "run_mlp",
     "train",
 ]
 
@@ -216,16 +217,24 @@ def layer_agops(model: nn.Module, X: ArrayLike, layers: Iterable[int | nn.Module
     forward and K backward passes per batch serve every layer. Streams over batches of
     ``batch_size`` rows (default: planned from free memory), so memory does not grow with N.
 
-    Args:
-        model: an ``nn.Sequential`` (nested ones allowed) of ``nn.Linear`` layers (with or
-            without bias) and elementwise activations, mapping N × D to N × K. Anything that
-            couples samples or is random (BatchNorm, Dropout) is refused.
-        X: N × D inputs, converted to the model's dtype and device.
-        layers: which Linear layers: ``nn.Linear`` modules of the model or indices into the
-            list of its Linear layers (negative allowed; −1 is the readout). Default: all.
+    Parameters
+    ----------
+    model : nn.Sequential
+        Nested ones allowed, of ``nn.Linear`` layers (with or without bias) and elementwise
+        activations, mapping N × D to N × K. Anything that couples samples or is random
+        (BatchNorm, Dropout) is refused.
+    X : array_like
+        N × D inputs, converted to the model's dtype and device.
+    layers : iterable of int or nn.Linear, optional
+        Which Linear layers: modules of the model or indices into the list of its Linear
+        layers (negative allowed; −1 is the readout). Default: all.
+    batch_size : int, optional
+        Rows per batch (default: planned from free memory).
 
-    Returns:
-        one float64 D_l × D_l tensor per selected layer (D_l its in_features), in the order
+    Returns
+    -------
+    list of torch.Tensor
+        One float64 D_l × D_l tensor per selected layer (D_l its in_features), in the order
         selected, on the model's device.
     """
     mods = _flatten(model)
@@ -294,19 +303,39 @@ def _nfa(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, G: torch.Tensor, N:
     return {"nfa": rho(nfm, C), "nfa_sqrt": rho(nfm, psd_power(C, 0.5))}
 
 
+def _stages(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], H: torch.Tensor,
+            activation: Callable) -> dict[str, torch.Tensor]:
+    """:func:`layer_stages` from the layer's SVD (U, S, Vᵀ) and float64 inputs H (N × in)."""
+    U, S, Vh = svd
+    right = (H @ Vh.T) * S  # (N, r)
+    return {"input": H, "right": right, "output": activation(right @ U.T)}
+
+
 def layer_stages(W: ArrayLike, H: ArrayLike, activation: Callable = torch.relu
                  ) -> dict[str, torch.Tensor]:
-    """The three stages of one layer (Section 4, Figure 1) for inputs H (N × in), float64.
+    """The three stages of one bias-free layer (Section 4, Figure 1) for inputs H, in float64.
 
-    With W = U S Vᵀ (out × in, thin SVD): ``"input"`` H, ``"right"`` H V S (N × r, the rows of
-    S Vᵀ Φ(X)), ``"output"`` σ(H V S Uᵀ) = σ(H Wᵀ) (N × out). U has orthonormal columns, so
-    NC1 of H Wᵀ before σ equals NC1 of ``"right"``.
+    With W = U S Vᵀ (thin SVD): ``"input"`` H, ``"right"`` H V S (the rows of S Vᵀ Φ(X)),
+    ``"output"`` σ(H V S Uᵀ) = σ(H Wᵀ). U has orthonormal columns, so NC1 of H Wᵀ before σ
+    equals NC1 of ``"right"``. :func:`probe` measures exactly these tensors.
+
+    Parameters
+    ----------
+    W : array_like
+        The layer's weight, out × in.
+    H : array_like
+        The layer's inputs Φ(X), N × in (moved to W's device, float64).
+    activation : callable
+        σ, applied elementwise (default ReLU).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``"input"`` N × in, ``"right"`` N × r with r = min(out, in), ``"output"`` N × out.
     """
     W = torch.as_tensor(W)
     H = torch.as_tensor(H).to(device=W.device, dtype=torch.float64)
-    U, S, Vh = _svd(W)
-    right = H @ (S[:, None] * Vh).T
-    return {"input": H, "right": right, "output": activation(right @ U.T)}
+    return _stages(_svd(W), H, activation)
 
 
 def _mlp_layout(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
@@ -354,12 +383,9 @@ def _probe(mods: list[nn.Module], hidden: list[int], X: torch.Tensor, y: torch.T
         sse += (out.to(torch.float64) - signed_one_hot(yb, K, torch.float64)).square().sum()
         correct += (out.argmax(dim=1) == yb).sum()
         with torch.no_grad():
-            for p, x, (U, S, Vh), acc in zip(hidden, inputs, svds, accs):
-                x = x.to(torch.float64)
-                right = (x @ Vh.T) * S
-                acc["input"].update(x, yb)
-                acc["right"].update(right, yb)
-                acc["output"].update(mods[p + 1](right @ U.T), yb)
+            for p, x, svd, acc in zip(hidden, inputs, svds, accs):
+                for stage, H in _stages(svd, x.to(torch.float64), mods[p + 1]).items():
+                    acc[stage].update(H, yb)
     test_acc = None
     if X_test is not None:
         hits = torch.zeros((), dtype=torch.int64, device=dev)
@@ -403,10 +429,25 @@ def probe(model: nn.Module, X: ArrayLike, y: ArrayLike, *, num_classes: int | No
     ``nfa`` = ρ(W_lᵀW_l, AGOP_l) and ``nfa_sqrt`` = ρ(W_lᵀW_l, AGOP_l^{1/2}) (Figure 8, AGOP_l
     w.r.t. the input of layer l over X, square root by ``agop.linalg.psd_power``), the training
     ``loss`` (mean squared error over all N·K entries against ±1 one-hot targets), ``train_acc``
-    and ``test_acc`` (None without a test set). Streams over batches of ``batch_size`` rows
-    (default: planned from free memory).
+    and ``test_acc`` (None without a test set). Streams over batches of ``batch_size`` rows.
 
-    ``model`` must be MLP-shaped: [Linear, elementwise activation] × depth, then a Linear readout.
+    Parameters
+    ----------
+    model : nn.Module
+        MLP-shaped: [bias-free Linear, elementwise activation] × depth, then a Linear readout.
+    X, y : array_like
+        Training inputs N × D and labels (N,) in 0..K−1.
+    num_classes : int, optional
+        K (default: from the labels; must equal the readout's outputs).
+    X_test, y_test : array_like, optional
+        A test set for ``test_acc`` (any subset of the classes).
+    batch_size : int, optional
+        Rows per batch (default: planned from free memory).
+
+    Returns
+    -------
+    list of dict
+        One row per hidden layer (from 1) and stage, in that order.
     """
     mods, hidden = _mlp_layout(model)
     Xt, yt, K = _as_data(mods, X, y, num_classes)
@@ -424,6 +465,15 @@ def probe(model: nn.Module, X: ArrayLike, y: ArrayLike, *, num_classes: int | No
 def measurement_epochs(epochs: int, every: int) -> list[int]:
     """The epochs measured: 0 (before training), every ``every``-th, and the last."""
     return sorted(set(range(0, epochs + 1, every)) | {epochs})
+
+
+class EpochStep(NamedTuple):
+    """One epoch of :meth:`Trainer.iter_epochs`: its number (from 1), mean batch loss and the
+    :meth:`Trainer.measure` rows taken after it (empty off the measurement schedule)."""
+
+    epoch: int
+    loss: float
+    rows: list[dict[str, Any]]
 
 
 class Trainer:
@@ -499,39 +549,81 @@ class Trainer:
         self.seconds["measure"] += time.perf_counter() - started
         return [{"epoch": self.epoch, **r} for r in rows]
 
-    def fit(self, epochs: int, measure_every: int = 10,
-            on_measure: Callable[["Trainer", list[dict[str, Any]]], None] | None = None,
-            progress: bool = False) -> list[dict[str, Any]]:
-        """Train from the current epoch up to ``epochs``, measuring on :func:`measurement_epochs`.
+    def iter_epochs(self, epochs: int, measure_every: int = 10) -> Iterator["EpochStep"]:
+        """Train from the current epoch up to ``epochs``, one :class:`EpochStep` per epoch.
 
-        Epoch 0 is measured first if training has not started. ``on_measure(trainer, rows)`` is
-        called after each measurement (e.g. to save records and a checkpoint). Returns the rows
-        measured by this call.
+        A step's ``rows`` are :meth:`measure`'s at that epoch when it is one of
+        :func:`measurement_epochs` (else empty). Epoch 0 is not a step: measure it first
+        (:meth:`fit` does). The caller may save a checkpoint between steps (:meth:`state_dict`).
+
+        Parameters
+        ----------
+        epochs : int
+            The epoch to train up to (≥ the current one).
+        measure_every : int
+            Measure every ``measure_every``-th epoch, and the last.
+
+        Yields
+        ------
+        EpochStep
+            ``epoch`` (just finished, from 1), ``loss`` (its mean batch loss), ``rows``.
         """
         epochs = check_int(epochs, "epochs", minimum=0)
         if epochs < self.epoch:
             raise ValueError(f"epochs = {epochs} but training is already at epoch {self.epoch}")
         schedule = set(measurement_epochs(epochs, check_int(measure_every, "measure_every")))
+
+        def steps() -> Iterator[EpochStep]:
+            while self.epoch < epochs:
+                loss = self.train_epoch()
+                yield EpochStep(self.epoch, loss,
+                                self.measure() if self.epoch in schedule else [])
+
+        return steps()  # a generator of its own, so that bad arguments raise at the call
+
+    def fit(self, epochs: int, measure_every: int = 10,
+            on_measure: Callable[["Trainer", list[dict[str, Any]]], None] | None = None,
+            progress: bool = False) -> list[dict[str, Any]]:
+        """Train from the current epoch up to ``epochs``, measuring on :func:`measurement_epochs`.
+
+        Epoch 0 is measured first if training has not started.
+
+        Parameters
+        ----------
+        epochs : int
+            The epoch to train up to.
+        measure_every : int
+            Measure every ``measure_every``-th epoch, and the last.
+        on_measure : callable, optional
+            ``on_measure(trainer, rows)``, called after each measurement (e.g. to save
+            records and a checkpoint).
+        progress : bool
+            Show a progress bar (tqdm, on stderr).
+
+        Returns
+        -------
+        list of dict
+            The rows measured by this call.
+        """
+        steps = self.iter_epochs(epochs, measure_every)  # checks the arguments
         rows: list[dict[str, Any]] = []
 
-        def measure() -> None:
-            new = self.measure()
+        def measured(new: list[dict[str, Any]]) -> None:
             rows.extend(new)
             if on_measure is not None:
                 on_measure(self, new)
 
         if self.epoch == 0:
-            measure()
+            measured(self.measure())
         from tqdm.auto import tqdm
 
         with tqdm(total=epochs, initial=self.epoch, disable=not progress, unit="epoch",
                   desc="mlp", dynamic_ncols=True) as bar:
-            while self.epoch < epochs:
-                loss = self.train_epoch()
+            for step in steps:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}")
-                if self.epoch in schedule:
-                    measure()
+                bar.set_postfix(loss=f"{step.loss:.4g}")
+                if step.rows:
+                    measured(step.rows)
         return rows
 
     def state_dict(self) -> dict[str, Any]:
@@ -557,196 +649,17 @@ def train(model: nn.Module, X: ArrayLike, y: ArrayLike, *, num_classes: int | No
           ) -> list[dict[str, Any]]:
     """Train ``model`` in place (Appendix C defaults) and return the :func:`probe` rows.
 
-    Rows carry ``"epoch"``; measurements at :func:`measurement_epochs` (epoch 0 included). See
-    :class:`Trainer` for the loss, batching and ``generator`` (default: seeded with 0).
+    See :class:`Trainer` for the loss, batching and ``generator`` (default: seeded with 0);
+    the arguments are its own and :meth:`Trainer.fit`'s.
+
+    Returns
+    -------
+    list of dict
+        :func:`probe` rows with ``"epoch"`` first, at :func:`measurement_epochs` (epoch 0
+        included).
     """
     trainer = Trainer(model, X, y, num_classes=num_classes, lr=lr, batch_size=batch_size,
                       reset_optimizer=reset_optimizer, generator=generator, X_test=X_test,
                       y_test=y_test)
     with backend.strict_fp32():
         return trainer.fit(epochs, measure_every, progress=progress)
-
-
-# ----------------------------------------------------------------------------- the experiment
-_DEFAULTS: dict[str, Any] = {"dataset": None, "n": None, "test_n": None, "epochs": 250,
-                             "measure_every": 10, "width": 512, "depth": 5, "batch_size": 128,
-                             "preset": "paper", "seed": 0}
-
-
-def _settings(given: dict[str, Any]) -> dict[str, Any]:
-    """Complete and check the settings of a new run (preset first, explicit values override)."""
-    from agop.datasets import DEFAULT_DATASET
-
-    s = {k: (given.get(k) if given.get(k) is not None else v) for k, v in _DEFAULTS.items()}
-    s["dataset"] = s["dataset"] or DEFAULT_DATASET
-    if s["preset"] not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {s['preset']!r}")
-    for k, v in PRESETS[s["preset"]].items():
-        s[k] = given.get(k) if given.get(k) is not None else v
-    for k, lo in (("epochs", 0), ("measure_every", 1), ("width", 1), ("depth", 1),
-                  ("batch_size", 1), ("seed", 0)):
-        s[k] = check_int(s[k], k, minimum=lo)
-    for k, lo in (("n", 1), ("test_n", 0)):
-        if s[k] is not None:
-            s[k] = check_int(s[k], k, minimum=lo)
-    for k in ("lr", "init_scale"):
-        check_positive(s[k], k)
-        s[k] = float(s[k])
-    return s
-
-
-def _load_data(s: dict[str, Any], data_dir: str | None):
-    from agop import datasets
-
-    train_ds = datasets.load(s["dataset"], "train", n=s["n"], root=data_dir)
-    test_ds = None
-    if s["test_n"] != 0:
-        test_ds = datasets.load(s["dataset"], "test", n=s["test_n"], root=data_dir)
-    return train_ds, test_ds
-
-
-def _log_drop(a: float, b: float) -> float:
-    """log10(a / b): decades of NC1 removed going from a to b (NaN if either is not > 0)."""
-    return math.log10(a / b) if a > 0 and b > 0 and math.isfinite(a / b) else math.nan
-
-
-def _summary(rows: list[dict[str, Any]], s: dict[str, Any]) -> dict[str, Any]:
-    """Headline numbers at the last measured epoch (Figures 1, 7, 8)."""
-    last = max(r["epoch"] for r in rows)
-    final = {(r["layer"], r["stage"]): r for r in rows if r["epoch"] == last}
-    layers = []
-    for j in sorted({lay for lay, _ in final}):
-        nc1 = {st: final[(j, st)]["nc1"] for st in STAGES}
-        drop_right = _log_drop(nc1["input"], nc1["right"])
-        drop_output = _log_drop(nc1["right"], nc1["output"])
-        layers.append({
-            "layer": j,
-            **{f"nc1_{st}": v for st, v in nc1.items()},
-            "drop_right": drop_right,
-            "drop_output": drop_output,
-            "right_dominates": bool(drop_right > abs(drop_output)),
-            "nfa": final[(j, "input")]["nfa"],
-            "nfa_sqrt": final[(j, "input")]["nfa_sqrt"],
-            "nfa_sqrt_min": min((r["nfa_sqrt"] for r in rows if r["layer"] == j
-                                 and r["stage"] == "input" and not math.isnan(r["nfa_sqrt"])),
-                                default=math.nan),
-        })
-    head = final[(1, "input")]
-    return {
-        "dataset": s["dataset"], "preset": s["preset"], "epoch": last,
-        "loss": head["loss"], "train_acc": head["train_acc"], "test_acc": head["test_acc"],
-        "layers": layers,
-        "layers_right_dominates": sum(lay["right_dominates"] for lay in layers),
-        "num_layers": len(layers),
-        "notes": "drop_right = log10(NC1 input / NC1 right) (decades removed by S Vᵀ), "
-                 "drop_output = log10(NC1 right / NC1 output) (by U and the ReLU); "
-                 "right_dominates: drop_right > |drop_output|. nfa_sqrt_min: the lowest "
-                 "ρ(WᵀW, AGOP^1/2) over all measured epochs.",
-    }
-
-
-def _figures(rd, rows: list[dict[str, Any]], s: dict[str, Any], pdf: bool = False) -> None:
-    from agop.experiments import figures
-
-    where = (f"{s['dataset']}, N = {rd.config['data']['n_train']}, {s['preset']} preset, "
-             f"lr {s['lr']:g}, init gain {s['init_scale']:g}")
-    figures.mlp_nc1_stages(rows, rd.figures_dir / "fig1_nc1_stages", title=where, pdf=pdf)
-    figures.mlp_training(rows, rd.figures_dir / "fig8_nfa_training", title=where, pdf=pdf)
-
-
-def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-            progress: bool = True, *, dataset: str | None = None, n: int | None = None,
-            test_n: int | None = None, epochs: int | None = None,
-            measure_every: int | None = None, lr: float | None = None,
-            init_scale: float | None = None, width: int | None = None,
-            depth: int | None = None, batch_size: int | None = None,
-            preset: str | None = None, seed: int | None = None,
-            device: str | torch.device = "auto", data_dir: str | os.PathLike | None = None,
-            pdf: bool = False):
-    """Train the paper's MLP and record Figures 1, 7, 8 (Section 4, Appendices B.2, B.3, C).
-
-    Settings (None means the default; on resume, the stored value): ``dataset``
-    (``agop.datasets.DEFAULT_DATASET``), ``n`` training points (all), ``test_n`` test points
-    (all; 0 for none), ``epochs`` 250, ``measure_every`` 10, ``width`` 512, ``depth`` 5,
-    ``batch_size`` 128, ``preset`` "paper", ``seed`` 0; ``lr`` and ``init_scale`` from the
-    preset (see :data:`PRESETS`). The seed draws the weights and then, from the same CPU
-    generator, the order of every epoch.
-
-    Writes a :class:`agop.experiments.records.RunDir` (``out``, default ``runs/mlp-<time>``): config.json,
-    metrics.csv (one row per measured epoch, layer and stage; see :func:`probe`), checkpoint.pt
-    after every measurement, figures/ and summary.json at the end.
-
-    ``resume=DIR`` continues an interrupted run from its last checkpoint and ends with exactly
-    the numbers of an uninterrupted run. Settings given with ``resume`` must equal the stored
-    ones, except ``epochs``, which may be raised to train a finished run further.
-    """
-    from agop.experiments.records import RunDir, default_run_dir
-
-    given = {"dataset": dataset, "n": n, "test_n": test_n, "epochs": epochs,
-             "measure_every": measure_every, "lr": lr, "init_scale": init_scale,
-             "width": width, "depth": depth, "batch_size": batch_size, "preset": preset,
-             "seed": seed}
-    dev = backend.resolve_device(device)
-    if resume is not None:
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
-            raise ValueError("give either out (a new run) or resume (an existing run), not both")
-        rd = RunDir.resume(resume, "mlp")
-        s = dict(rd.settings)
-        new_epochs = given.pop("epochs")
-        if new_epochs is not None and new_epochs != s["epochs"]:
-            s["epochs"] = check_int(new_epochs, "epochs", minimum=0)
-        RunDir.check_settings(s, given)
-        if data_dir is None:
-            data_dir = rd.config.get("data_dir")
-    else:
-        s = _settings(given)
-    train_ds, test_ds = _load_data(s, data_dir)  # before creating a folder: fail on bad data first
-    if resume is None:
-        rd = RunDir.create(out if out is not None else default_run_dir("mlp"), "mlp", s)
-    dtype = backend.default_dtype(dev)
-    gen = torch.Generator().manual_seed(s["seed"])
-    model = MLP(train_ds.X.shape[1], train_ds.num_classes, s["width"], s["depth"],
-                s["init_scale"], generator=gen).to(device=dev, dtype=dtype)
-    trainer = Trainer(model, train_ds.X, train_ds.y, num_classes=train_ds.num_classes,
-                      lr=s["lr"], batch_size=s["batch_size"],
-                      reset_optimizer=s["reset_optimizer"], generator=gen,
-                      X_test=None if test_ds is None else test_ds.X,
-                      y_test=None if test_ds is None else test_ds.y,
-                      measure_batch_size=rd.config.get("measure_batch_size"))
-    rows: list[dict[str, Any]] = []
-    if resume is not None:
-        state = rd.load_checkpoint()
-        if state is not None:
-            if int(state["epoch"]) > s["epochs"]:
-                raise ValueError(f"the run's checkpoint is at epoch {state['epoch']}, beyond "
-                                 f"epochs = {s['epochs']}")
-            trainer.load_state_dict(state)
-            schedule = set(measurement_epochs(s["epochs"], s["measure_every"]))
-            rows = [r for r in rd.read_metrics()
-                    if r["epoch"] <= trainer.epoch and r["epoch"] in schedule]
-    rd.update_config(
-        settings=s, device=str(dev), dtype=backend.dtype_name(dtype),
-        data_dir=None if data_dir is None else str(data_dir),
-        measure_batch_size=trainer.measure_batch_size,
-        data={"n_train": len(train_ds), "n_test": 0 if test_ds is None else len(test_ds),
-              "in_dim": int(train_ds.X.shape[1]), "num_classes": train_ds.num_classes,
-              "preprocessing": "flattened pixels in [0, 1], no standardization"},
-        model={"hidden_bias": False, "readout_bias": False,
-               "hidden_init": f"xavier_uniform(gain={s['init_scale']})",
-               "readout_init": "pytorch default (kaiming_uniform, a=sqrt(5))"},
-    )
-
-    def on_measure(tr: Trainer, new: list[dict[str, Any]]) -> None:
-        rows[:] = [r for r in rows if r["epoch"] != tr.epoch] + new
-        rd.write_metrics(rows, list(rows[0]))
-        rd.save_checkpoint(tr.state_dict())  # after the records it matches: see resume above
-
-    epoch0 = trainer.epoch
-    with backend.strict_fp32():
-        trainer.fit(s["epochs"], s["measure_every"], on_measure, progress)
-    _figures(rd, rows, s, pdf)
-    summary = _summary(rows, s)
-    # this invocation only (a resumed run counts what it did itself)
-    summary["seconds"] = {**trainer.seconds, "epochs": trainer.epoch - epoch0}
-    rd.write_summary(summary)
-    return rd

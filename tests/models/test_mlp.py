@@ -1,8 +1,7 @@
-"""Tests of agop.models.mlp: the MLP, layer_agops, the probes, training, resume and `agop mlp`."""
+"""Tests of agop.models.mlp: the MLP, layer_agops, the probes and training."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -13,11 +12,9 @@ from torch import nn
 
 from agop import collapse
 from agop.agop import model_agop
-from agop.cli import main
 from agop.linalg import psd_power
 from agop.models.mlp import (MLP, PRESETS, Trainer, correlation, layer_agops, layer_stages,
-                       measurement_epochs, probe, run_mlp, train)
-from agop.experiments.records import read_csv
+                             measurement_epochs, probe, train)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -257,79 +254,27 @@ def test_bad_input_raises_clear_errors():
         probe(nn.Sequential(nn.Linear(10, 3)), X, y)
     with pytest.raises(ValueError, match=r"layer\(s\) \[1\] have a bias"):
         probe(nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 3)), X, y)
-    with pytest.raises(ValueError, match="preset must be one of"):
-        run_mlp(preset="bogus", progress=False)
 
 
-# ----------------------------------------------------------------------------- run_mlp
-_TINY = dict(dataset="digits", n=120, test_n=40, measure_every=2, width=16, depth=2,
-             lr=1e-3, device="cpu", progress=False)
 
+def test_iter_epochs_steps_through_what_fit_records():
+    """Stepping a trainer epoch by epoch gives fit's rows and weights, measured on schedule."""
+    X, y = _clusters()
 
-def _interrupt_at(monkeypatch, epoch):
-    real = Trainer.train_epoch
+    def trainer():
+        return Trainer(_fresh(), X, y, lr=1e-3, batch_size=32,
+                       generator=torch.Generator().manual_seed(7))
 
-    def flaky(self):
-        if self.epoch + 1 == epoch:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", flaky)
-
-
-def _final_weights(path):
-    return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
-
-
-@pytest.mark.parametrize("preset", ["paper", "authors"])
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, preset):
-    whole = run_mlp(tmp_path / "whole", epochs=5, preset=preset, **_TINY)
-    _interrupt_at(monkeypatch, 4)  # dies in epoch 4, after the checkpoint of epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        run_mlp(tmp_path / "cut", epochs=5, preset=preset, **_TINY)
-    assert not (tmp_path / "cut" / "summary.json").exists()
-    monkeypatch.undo()
-    resumed = run_mlp(resume=tmp_path / "cut", progress=False)
-    assert (resumed.path / "metrics.csv").read_text() == (whole.path / "metrics.csv").read_text()
-    a, b = _final_weights(whole.path), _final_weights(resumed.path)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.is_complete
-
-
-def test_resume_with_more_epochs_continues_to_them(tmp_path):
-    whole = run_mlp(tmp_path / "whole", epochs=4, **_TINY)
-    short = run_mlp(tmp_path / "short", epochs=3, **_TINY)  # measured at 0, 2, 3
-    assert [r["epoch"] for r in short.read_metrics()][::6] == [0, 2, 3]
-    run_mlp(resume=short.path, epochs=4, progress=False)  # 3 is not on the new schedule
-    assert (short.path / "metrics.csv").read_text() == (whole.path / "metrics.csv").read_text()
-    assert json.loads((short.path / "config.json").read_text())["settings"]["epochs"] == 4
-    with pytest.raises(ValueError, match="width"):
-        run_mlp(resume=short.path, width=32, progress=False)
-
-
-def test_cli_end_to_end(tmp_path, capsys):
-    out = tmp_path / "run"
-    rc = main(["mlp", "--epochs", "2", "--measure-every", "1", "--n", "200", "--width", "32",
-               "--depth", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
-    assert rc == 0
-    assert str(out) in capsys.readouterr().out
-    config = json.loads((out / "config.json").read_text())
-    assert config["kind"] == "mlp" and config["device"] == "cpu" and config["dtype"] == "float32"
-    assert config["settings"]["lr"] == 2e-5 and config["settings"]["init_scale"] == 0.01
-    assert config["settings"]["dataset"] == "digits" and "torch_version" in config
-    rows = read_csv(out / "metrics.csv")
-    assert len(rows) == 3 * 2 * 3  # epochs 0, 1, 2 × layers × stages
-    required = {"epoch", "layer", "stage", "nc1", "nc2", "nc1_pinv", "cdnv", "nc2_squared",
-                "within_total", "between_total", "nfa", "nfa_sqrt", "loss", "train_acc",
-                "test_acc"}
-    assert required <= set(rows[0])
-    assert {r["layer"] for r in rows} == {1, 2}
-    assert all(r["within_total"] + r["between_total"] == pytest.approx(1.0) for r in rows)
-    assert {p.name for p in (out / "figures").iterdir()} == {"fig1_nc1_stages.png",
-                                                              "fig8_nfa_training.png"}
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and summary["epoch"] == 2 and len(summary["layers"]) == 2
-    assert main(["mlp", "--out", str(out), "--no-progress"]) == 2  # folder holds a run
+    a, b = trainer(), trainer()
+    rows = a.fit(5, measure_every=2)
+    stepped = b.measure()  # epoch 0 is not a step
+    steps = list(b.iter_epochs(5, measure_every=2))
+    assert [s.epoch for s in steps] == [1, 2, 3, 4, 5]
+    assert [s.epoch for s in steps if s.rows] == [2, 4, 5]
+    assert stepped + [r for s in steps for r in s.rows] == rows
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    with pytest.raises(ValueError, match="already at epoch 5"):
+        b.iter_epochs(3)  # at the call, not at the first step
 
 
 @pytest.mark.gpu

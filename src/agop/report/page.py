@@ -1,0 +1,232 @@
+"""The report page: run folders in, one self-contained HTML file and its numbers as JSON out.
+
+:func:`build_report` reads the runs and their numbers (:mod:`agop.report.numbers`), draws the
+cross-dataset figures, and renders ``templates/report.html.j2`` (Jinja2, autoescaping on: every
+string from a config, a CSV or a folder name is escaped) with ``templates/report.css`` inlined.
+The page holds everything it shows: figures as base64 PNG data, the CSS in a ``<style>``
+element, no scripts, no links to fetch. The prose (section texts, captions, notes) lives in the
+template; this module decides which figures go into which section.
+
+Figures of the paper and where they come from: Figure 1 (MLP, CIFAR-10) and Figure 7 (MLP, other
+datasets): NC1 of each layer's input, S Vᵀ stage and output over training; Figure 2: Gram
+matrices of Deep RFM layer inputs; Figure 3 (Deep RFM, CIFAR-10) and Figure 6 (other datasets):
+NC1 and NC2 per layer at the input, agop and features stages; Figure 4: Proposition 5.1's
+feature distance; Figure 8: variability shares, NFA correlations and loss of the MLP.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import functools
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jinja2
+from markupsafe import Markup
+
+from agop import __version__
+from agop._validate import metric_float
+from agop.experiments.records import atomic_write_json, atomic_write_text
+from agop.report.numbers import (DISPLAY_NAMES, KINDS, MAIN_DATASET, Run, acc, claims,
+                                 gram_numbers, load_run, mlp_headline, num, passed, pct,
+                                 rfm_headline, run_record, seconds, settings_text,
+                                 theory_claims, theory_numbers)
+
+__all__ = ["build_report", "render"]
+
+TEMPLATE = "report.html.j2"
+STYLESHEET = "report.css"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One run's figures in one section of the page.
+
+    ``images``: data URIs of the run's figures for that section (empty: none was found, and
+    the page says where it looked); ``numbers``: what the section's caption is written from.
+    """
+
+    run: Run
+    numbers: Any
+    images: list[str]
+
+
+@dataclass(frozen=True)
+class TheoryFigure:
+    """A figure of a theory run outside Figure 4; ``key`` names the theorem it shows, if any."""
+
+    run: Run
+    stem: str
+    key: str | None
+    image: str
+
+
+# ============================================================================ rendering
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("agop.report", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(num=num, pct=pct, acc=acc, dataset_name=_dataset_name,
+                       seconds=_seconds_text)
+    env.tests["passed"] = passed
+    return env
+
+
+def _dataset_name(name: Any) -> str:
+    return DISPLAY_NAMES.get(name, name)
+
+
+def _seconds_text(v: float) -> str:
+    return f"{v:.1f}" if math.isfinite(v) else ""
+
+
+def _stylesheet() -> Markup:
+    """The CSS, trusted (it is this package's own file), for the page's ``<style>`` element."""
+    css = resources.files("agop.report").joinpath("templates", STYLESHEET)
+    return Markup(css.read_text(encoding="utf-8"))
+
+
+def render(**context: Any) -> str:
+    """The HTML page: ``templates/report.html.j2`` rendered with ``context`` (see
+    :func:`build_report` for what it holds) and the stylesheet."""
+    return _environment().get_template(TEMPLATE).render(css=_stylesheet(), **context)
+
+
+# ============================================================================ figures
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _panel(run: Run, numbers: Any, *words: str) -> Panel:
+    """``run``'s figures whose file name contains one of ``words``."""
+    found = [p for p in run.figures if any(w in p.stem.lower() for w in words)]
+    return Panel(run, numbers, [_data_uri(p) for p in found])
+
+
+def _theory_figures(run: Run) -> list[TheoryFigure]:
+    """A theory run's figures other than Figure 4's, with the theorem each one shows."""
+    out = []
+    for p in run.figures:
+        stem = p.stem.lower()
+        if any(w in stem for w in ("figure4", "relu")):
+            continue
+        key = ("Thm 5.4" if any(w in stem for w in ("54", "contraction")) else
+               "Thm 5.5" if any(w in stem for w in ("55", "bound", "krr")) else None)
+        out.append(TheoryFigure(run, p.stem, key, _data_uri(p)))
+    return out
+
+
+def _order(items: list[tuple]) -> list[tuple]:
+    """(run, ...) tuples with the paper's main dataset (CIFAR-10) first, others as given."""
+    return sorted(items, key=lambda t: t[0].dataset != MAIN_DATASET)
+
+
+def _unique(items: list[tuple], run: Run) -> bool:
+    """Whether ``run`` is the only one of its dataset among ``items`` (label by dataset)."""
+    return sum(i[0].dataset == run.dataset for i in items) == 1
+
+
+def _cross_figures(rfm: list[tuple], mlp: list[tuple], figures_dir: Path,
+                   pdf: bool) -> dict[str, Path]:
+    """Cross-dataset figures (only when there are runs to compare)."""
+    from agop.experiments import figures
+
+    out = {}
+    if rfm:
+        curves = []
+        for r, _, _ in rfm:
+            by = {(row.get("layer"), row.get("stage")): metric_float(row.get("nc1"))
+                  for row in r.rows}
+            layers = sorted(l for l, s in by if s == "input")
+            curves.append({"label": _dataset_name(r.dataset) if _unique(rfm, r) else r.name,
+                           "layers": layers,
+                           "input": [by[(l, "input")] for l in layers],
+                           "agop": [by.get((l, "agop"), math.nan) for l in layers]})
+        out["rfm"] = figures.report_rfm_nc1(curves, figures_dir / "rfm_nc1_all", pdf=pdf)[0]
+    if mlp:
+        curves = [{"label": _dataset_name(r.dataset) if _unique(mlp, r) else r.name,
+                   "epoch": x["last_epoch"], "layers": x["per_layer"]} for r, x in mlp]
+        out["mlp"] = figures.report_mlp_final(curves, figures_dir / "mlp_final_all", pdf=pdf)[0]
+    return out
+
+
+# ============================================================================ the report
+def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = None,
+                 figures_dir: Any = None, pdf: bool = False, scale: str | None = None,
+                 skipped: Sequence[dict[str, str]] = (), timings: dict[str, float] | None = None,
+                 notes: dict[str, str] | None = None) -> Path:
+    """Write one self-contained HTML report of the given run folders, and its numbers as JSON.
+
+    ``run_dirs``: folders of ``agop rfm``, ``agop mlp`` and ``agop theory`` in any mix (a folder
+    that is not a run raises ValueError). ``out_file``: the HTML page; ``summary_file``: the
+    JSON (default: ``out_file`` with suffix .json); ``figures_dir``: the cross-dataset figures
+    (default: ``<out_file stem>_figures`` beside it), PDF too with ``pdf``. ``scale``,
+    ``skipped``, ``timings`` (seconds per run name) and ``notes`` (per run name) come from
+    :func:`agop.report.plan.reproduce`. Returns the path of the HTML page.
+    """
+    runs = [load_run(p) for p in run_dirs]
+    if not runs:
+        raise ValueError("no run folders given: pass at least one folder of agop rfm, agop mlp "
+                         "or agop theory")
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"run folders must have distinct names; repeated: {', '.join(dupes)}")
+    out_file = Path(out_file)
+    summary_file = Path(summary_file) if summary_file else out_file.with_suffix(".json")
+    figures_dir = (Path(figures_dir) if figures_dir
+                   else out_file.with_name(out_file.stem + "_figures"))
+    timings, notes = dict(timings or {}), dict(notes or {})
+
+    rfm = [(r, x, gram_numbers(r.path, r.data.get("classes")))
+           for r in runs if r.kind == "rfm" for x in [rfm_headline(r.rows)] if x]
+    mlp = [(r, x) for r in runs if r.kind == "mlp" for x in [mlp_headline(r.rows)] if x]
+    theory = [(r, theory_numbers(r.rows, r.summary)) for r in runs
+              if r.kind == "theory" and r.rows]
+    found = claims(rfm, mlp, theory)
+    cross = _cross_figures(rfm, mlp, figures_dir, pdf)
+    built = _dt.datetime.now().isoformat(timespec="seconds")
+
+    rfm_main = [t for t in rfm if t[0].dataset == MAIN_DATASET]
+    rfm_other = [t for t in rfm if t[0].dataset != MAIN_DATASET]
+    mlp_main = [t for t in mlp if t[0].dataset == MAIN_DATASET]
+    mlp_other = [t for t in mlp if t[0].dataset != MAIN_DATASET]
+    said = {r.name: {c.figure: c.measured for c in theory_claims(r, x)} for r, x in theory}
+    page = render(
+        version=__version__, built=built, scale=scale,
+        kinds=[(k, sum(r.kind == k for r in runs)) for k in KINDS
+               if any(r.kind == k for r in runs)],
+        skipped=list(skipped), incomplete=[r for r in runs if not r.complete],
+        claims=found,
+        fig1=[_panel(r, x, "nc1", "stage") for r, x in mlp_main],
+        fig2=[_panel(r, g, "gram") for r, _, g in _order(rfm)],
+        fig3=[_panel(r, x, "collapse") for r, x, _ in rfm_main],
+        fig4=[_panel(r, said[r.name], "figure4", "relu") for r, _ in theory],
+        fig6=[_panel(r, x, "collapse") for r, x, _ in rfm_other],
+        fig7=[_panel(r, x, "nc1", "stage") for r, x in mlp_other],
+        fig8=[_panel(r, x, "nfa", "training") for r, x in _order(mlp)],
+        theorems=[(f, said[f.run.name]) for r, _ in theory for f in _theory_figures(r)],
+        cross={k: _data_uri(p) for k, p in cross.items()},
+        theory=theory,
+        runs=[(r, settings_text(r), seconds(r, timings), notes.get(r.name, "")) for r in runs],
+    )
+    atomic_write_text(out_file, page)
+
+    summary = {
+        "agop_version": __version__,
+        "created": built,
+        "scale": scale, "report": str(out_file), "skipped": list(skipped),
+        "runs": [run_record(r, timings, notes) for r in runs],
+        "rfm": [{"run": r.name, "dataset": r.dataset, **x, "gram_last": g} for r, x, g in rfm],
+        "mlp": [{"run": r.name, "dataset": r.dataset, **x} for r, x in mlp],
+        "theory": [{"run": r.name, **x} for r, x in theory],
+        "claims": [vars(c) for c in found],
+        "figures": [str(p) for p in cross.values()],
+    }
+    atomic_write_json(summary_file, summary)
+    return out_file

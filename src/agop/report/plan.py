@@ -1,0 +1,243 @@
+"""The plan of ``agop reproduce``: which runs at which sizes, and running them with resume.
+
+:func:`plan` lists the experiments of a scale (:data:`SCALES`) on the datasets found;
+:func:`reproduce` runs them, each in its own folder under ``DIR/runs/`` (a finished run is kept,
+an interrupted one continued), then builds the report with
+:func:`agop.report.page.build_report`. The experiments and the page are imported when they
+run (:func:`agop.experiments.rfm.run_rfm`, :func:`agop.experiments.mlp.run_mlp`,
+:func:`agop.experiments.theory.run_theory`), so that the CLI reads :data:`SCALES` without
+loading torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["PAPER_DATASETS", "SCALES", "Experiment", "plan", "reproduce"]
+
+#: Sizes of each scale, in one place; "<kind>:<dataset>" entries override a kind's sizes for one
+#: dataset. ``n`` and ``test_n`` are capped at what a dataset's files hold.
+#: quick: 3-7 minutes on 2 CPU cores with digits, MNIST and CIFAR-10 (timings in
+#: docs/report.md). Deep RFM at Figure 2's setting (2,000 points, 20 layers). The
+#: MLP's lr 1e-3 at N = 1,000 keeps lr × Adam steps near the paper's (2e-5 × 391 steps per epoch
+#: at N = 50,000 ≈ 1e-3 × 8): with 2e-5 the 1,000-point network stays on its initial plateau
+#: for all 250 epochs (docs/mlp.md, "Scale"); digits' 64 small inputs need 2e-3 to leave it.
+#: paper: Appendix C (first 50,000 points, 20 layers, 250 epochs, measured every 10), for a GPU.
+#: tiny: seconds, for the end-to-end test; shows the pipeline, not the paper's numbers.
+SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "rfm": {"n": 200, "test_n": 100, "depth": 3, "width": 128},
+        "mlp": {"n": 200, "test_n": 100, "epochs": 6, "measure_every": 3, "width": 64,
+                "depth": 3, "lr": 1e-3},
+    },
+    "quick": {
+        "rfm": {"n": 2000, "test_n": 1000, "depth": 20},
+        "mlp": {"n": 1000, "test_n": 1000, "epochs": 250, "measure_every": 10, "lr": 1e-3},
+        "mlp:digits": {"lr": 2e-3},
+    },
+    "paper": {
+        "rfm": {"n": 50000, "depth": 20},
+        "mlp": {"n": 50000, "epochs": 250, "measure_every": 10},
+    },
+}
+#: The datasets of the paper; ``reproduce`` runs each one found on disk, plus digits.
+PAPER_DATASETS = ("mnist", "cifar10", "svhn")
+_RUN_KINDS = ("rfm", "mlp")  # one run of each per dataset, in this order; then the theory
+
+
+# ============================================================================ the plan
+@dataclass(frozen=True)
+class Experiment:
+    """One run of the plan: ``name`` is its folder under ``DIR/runs/``."""
+
+    name: str
+    kind: str
+    dataset: str | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def _counts(name: str, root: Path) -> tuple[int | None, int | None]:
+    """(train, test) points of a dataset under ``root`` (None: split not found), from headers."""
+    from agop import datasets
+
+    return datasets.count(name, "train", root), datasets.count(name, "test", root)
+
+
+def _fit(settings: dict[str, Any], counts: tuple[int | None, int | None], scale: str) -> str:
+    """Cap ``n`` and ``test_n`` at what the files hold (in place); the note says what changed."""
+    notes = []
+    for key, have, split in (("n", counts[0], "training"), ("test_n", counts[1], "test")):
+        want = settings.get(key)
+        if have is None and key == "test_n":
+            settings[key] = 0
+            notes.append("no test split found: no test accuracy")
+        elif want is not None and have is not None and want > have:
+            settings[key] = have
+            notes.append(f"{key} capped at {have:,}: the {split} files hold {have:,} points "
+                         f"(scale {scale} asks for {want:,})")
+    return "; ".join(notes)
+
+
+def plan(scale: str = "quick", datasets: Sequence[str] | None = None,
+         data_dir: Any = None) -> tuple[list[Experiment], list[dict[str, str]]]:
+    """The experiments of :func:`reproduce` and the datasets skipped (with where they were sought).
+
+    ``datasets``: names to run (each must be found, else ValueError); None: digits plus every
+    one of :data:`PAPER_DATASETS` found under the data root (``data_dir``, else ``$AGOP_DATA``,
+    else ``~/.cache/agop``). Returns (experiments, skipped) with skipped entries
+    ``{"dataset", "reason"}``.
+    """
+    from agop import datasets as ds
+
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}; got {scale!r}")
+    root = ds.resolve_root(data_dir)
+    explicit = datasets is not None
+    if explicit:
+        names = []
+        for name in datasets:
+            try:
+                key = ds._canonical_name(name)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (in --datasets)") from None
+            if key not in names:
+                names.append(key)
+        if not names:
+            raise ValueError("--datasets is empty; name at least one dataset")
+    else:
+        names = ["digits", *PAPER_DATASETS]
+    found, skipped = [], []
+    for name in names:
+        counts = _counts(name, root)
+        if counts[0] is None:
+            where = root / ds.DATASETS[name].folder
+            reason = (f"not found: looked for its training files in {where} (data root "
+                      f"{root}; set --data-dir or $AGOP_DATA; layout in docs/datasets.md)")
+            if explicit:
+                raise ValueError(f"dataset {name!r} was asked for but is {reason}")
+            skipped.append({"dataset": name, "reason": reason})
+        else:
+            found.append((name, counts))
+
+    sizes = SCALES[scale]
+    out = []
+    for kind in _RUN_KINDS:
+        for name, counts in found:
+            settings = {"dataset": name, **sizes[kind], **sizes.get(f"{kind}:{name}", {})}
+            note = _fit(settings, counts, scale)
+            out.append(Experiment(f"{kind}-{name}", kind, name, settings, note))
+    out.append(Experiment("theory", "theory", None, {"seed": 0}))
+    return out, skipped
+
+
+# ============================================================================ reproduce
+def _existing_state(path: Path, exp: Experiment) -> str:
+    """"new", "partial" or "complete" for the run folder of ``exp``; ValueError if it conflicts."""
+    from agop.experiments.records import CONFIG, RunDir
+
+    if not (path / CONFIG).is_file():
+        return "new"
+    run = RunDir.open(path)
+    if run.kind != exp.kind:
+        raise ValueError(f"{path} holds a {run.kind!r} run, not the {exp.kind!r} run this plan "
+                         f"puts there; move it away or choose another --out")
+    stored = run.settings
+    diff = [f"{k}: run has {stored.get(k)!r}, plan has {v!r}" for k, v in exp.settings.items()
+            if k in stored and stored[k] != v]
+    if diff:
+        raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}); it belongs "
+                         f"to another scale or --datasets: choose another --out or remove it")
+    return "complete" if run.is_complete else "partial"
+
+
+def _run_one(exp: Experiment, path: Path, state: str, *, device: str, data_dir: Any,
+             progress: bool, pdf: bool) -> None:
+    """Start, continue or (theory, which has no resume) restart one experiment in ``path``."""
+    data = None if data_dir is None else str(data_dir)
+    if exp.kind == "rfm":
+        from agop.experiments.rfm import run_rfm
+
+        if state == "partial":
+            run_rfm(resume=path, progress=progress, pdf=pdf, data_dir=data)
+        else:
+            run_rfm(out=path, progress=progress, pdf=pdf, device=device, data_dir=data,
+                    **exp.settings)
+    elif exp.kind == "mlp":
+        from agop.experiments.mlp import run_mlp
+
+        if state == "partial":
+            run_mlp(resume=path, progress=progress, device=device, data_dir=data, pdf=pdf)
+        else:
+            run_mlp(out=path, progress=progress, device=device, data_dir=data, pdf=pdf,
+                    **exp.settings)
+    else:
+        from agop.experiments.theory import run_theory
+
+        if state == "partial":  # a few seconds of work: start again rather than resume
+            shutil.rmtree(path)
+        run_theory(path, progress=False, data_dir=data, pdf=pdf, **exp.settings)
+
+
+def reproduce(out: Any, scale: str = "quick", datasets: Sequence[str] | None = None,
+              device: str = "auto", data_dir: Any = None, progress: bool = True,
+              pdf: bool = False) -> Path:
+    """Run every experiment of the paper at ``scale`` and build ``out/report.html``.
+
+    Plan (:func:`plan`): Deep RFM on each dataset (Figures 2, 3, 6), the MLP study on each
+    dataset (Figures 1, 7, 8), the theory checks (Figure 4, Theorems 5.4, 5.5); sizes from
+    :data:`SCALES`. Run folders live in ``out/runs/<kind>-<dataset>`` and ``out/runs/theory``:
+    a finished run (summary.json complete) is kept, an interrupted one is continued with its
+    ``resume``, so calling this again after an interruption picks up where it stopped. Active
+    seconds per run accumulate in ``out/timings.json``. Writes ``out/report.html``,
+    ``out/summary.json`` and the cross-dataset figures in ``out/figures/``; returns the
+    report's path.
+    """
+    from tqdm.auto import tqdm
+
+    from agop.experiments.records import atomic_write_json, read_json
+    from agop.report.page import build_report
+
+    experiments, skipped = plan(scale, datasets, data_dir)
+    out = Path(out)
+    runs_dir = out / "runs"
+    timing_file = out / "timings.json"
+    timings = read_json(timing_file) if timing_file.is_file() else {}
+    states = {e.name: _existing_state(runs_dir / e.name, e) for e in experiments}
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(total=len(experiments), disable=not progress, unit="run", position=0,
+               desc="agop reproduce", dynamic_ncols=True)
+    try:
+        for i, exp in enumerate(experiments, 1):
+            label = f"[{i}/{len(experiments)}] {exp.name}"
+            if states[exp.name] == "complete":
+                if progress:
+                    bar.write(f"{label}: already complete, kept")
+                bar.update(1)
+                continue
+            bar.set_description(f"agop reproduce {label}")
+            if progress and states[exp.name] == "partial":
+                bar.write(f"{label}: continuing the interrupted run")
+            t0 = time.perf_counter()
+            try:
+                _run_one(exp, runs_dir / exp.name, states[exp.name], device=device,
+                         data_dir=data_dir, progress=progress, pdf=pdf)
+            finally:
+                timings[exp.name] = timings.get(exp.name, 0.0) + time.perf_counter() - t0
+                atomic_write_json(timing_file, timings)
+            if progress:
+                bar.write(f"{label}: done in {timings[exp.name]:.0f} s")
+            bar.update(1)
+        bar.set_description("agop reproduce: report")
+        notes = {e.name: e.note for e in experiments if e.note}
+        return build_report([runs_dir / e.name for e in experiments], out / "report.html",
+                            summary_file=out / "summary.json", figures_dir=out / "figures",
+                            pdf=pdf, scale=scale, skipped=skipped, timings=timings,
+                            notes=notes)
+    finally:
+        bar.close()

@@ -1,0 +1,151 @@
+"""Tests of agop.report.page: the HTML page, its escaping, its numbers file, a real browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agop.cli import main
+from agop.experiments.mlp import headline as mlp_headline
+from agop.experiments.records import RunDir, write_csv
+from agop.report import build_report
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r'<img src="([^"]*)"', page)
+
+
+def _self_contained(page: str) -> None:
+    """No scripts, nothing to fetch, the stylesheet inlined."""
+    assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+    assert "<link" not in page
+    style = re.search(r"<style>(.*?)</style>", page, re.S)
+    assert style and "font-family" in style.group(1) and ".paper" in style.group(1)
+
+
+def test_report_of_synthetic_runs_escapes_text(tmp_path, rfm_rows, mlp_rows):
+    """A run folder named with HTML syntax shows as text, and the numbers reach the page."""
+    run = RunDir.create(tmp_path / 'rfm<b>&"x', "rfm", {"dataset": "mnist", "n": 10})
+    run.write_metrics(rfm_rows)
+    run.write_summary({})
+    mlp = RunDir.create(tmp_path / "m", "mlp", {"dataset": "cifar10"})
+    mlp.write_metrics(mlp_rows)
+    out = build_report([run.path, mlp.path], tmp_path / "out" / "r.html")
+    page = out.read_text()
+    assert "rfm<b>" not in page and "rfm&lt;b&gt;&amp;&#34;x" in page
+    assert "NC1 8 (layer 1) → 1 (layer 3): 8× smaller" in page
+    assert "agop step 133%" in page  # share 4/3
+    assert "has not finished" in page  # the MLP run has no summary.json
+    numbers = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert numbers["rfm"][0]["share_agop"] == pytest.approx(4 / 3)
+    assert numbers["mlp"][0]["share_right"] == pytest.approx(2 / 3)
+    figs = {c["figure"] for c in numbers["claims"]}
+    assert {"Fig. 6", "Fig. 1", "Fig. 8"} <= figs  # MNIST Deep RFM is Figure 6, CIFAR MLP Fig. 1
+    _self_contained(page)
+
+
+def test_strings_from_configs_and_records_are_escaped(tmp_path, rfm_rows):
+    """Settings, config fields, theory rows, skip reasons and notes can hold any text: none of
+    it becomes markup."""
+    run = RunDir.create(tmp_path / "rfm-x", "rfm", {"dataset": "mnist", "tag": HOSTILE})
+    run.write_metrics(rfm_rows)
+    run.update_config(device=HOSTILE, dtype="<i>f32</i>", torch_version="<u>2</u>")
+    theory = RunDir.create(tmp_path / "theory", "theory", {"seed": 0})
+    write_csv(theory.path / "theory.csv", [
+        {"check": f"thm5.5 {HOSTILE}", "value": 1.0, "expected": "<= 1 & > 0",
+         "passed": True, "note": "</td></tr></table><h1>x</h1>"}])
+    out = build_report([run.path, theory.path], tmp_path / "r.html",
+                       skipped=[{"dataset": "svhn", "reason": f"not found in {HOSTILE}"}],
+                       notes={"rfm-x": "<b>capped</b>"})
+    page = out.read_text()
+    _self_contained(page)
+    assert "<i>" not in page and "<u>" not in page and "<b>capped" not in page
+    assert "<h1>x</h1>" not in page and "</td></tr></table><h1>" not in page
+    escaped = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;"
+    assert page.count(escaped) >= 4  # settings, device, theory check, skip reason
+    assert "&lt;= 1 &amp; &gt; 0" in page and "&lt;b&gt;capped&lt;/b&gt;" in page
+    assert "tag=" + escaped in page  # the settings column
+
+
+def test_report_numbers_are_the_experiments_headlines(tmp_path, mlp_rows):
+    """summary.json's MLP entry is agop.experiments.mlp.headline of the run, key for key; the
+    run's data schema may be the old one (n_train, num_classes, ...)."""
+    mlp = RunDir.create(tmp_path / "mlp-mnist", "mlp", {"dataset": "mnist"})
+    mlp.write_metrics(mlp_rows)
+    mlp.update_config(data={"n_train": 40, "n_test": 0, "in_dim": 4, "num_classes": 2})
+    build_report([mlp.path], tmp_path / "r.html")
+    entry = json.loads((tmp_path / "r.json").read_text())["mlp"][0]
+    want = json.loads(json.dumps(mlp_headline(mlp.read_metrics())).replace("NaN", "null"))
+    assert {k: v for k, v in entry.items() if k not in ("run", "dataset")} == want
+
+
+def test_report_command_on_existing_runs(tiny, tmp_path):
+    runs = [str(tiny / "runs" / n) for n in ("theory", "mlp-digits")]
+    assert main(["report", *runs, "--out", str(tmp_path / "r.html"), "--pdf"]) == 0
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    assert [r["kind"] for r in numbers["runs"]] == ["theory", "mlp"]
+    assert numbers["runs"][1]["seconds"] > 0  # found in the reproduce folder's timings.json
+    assert (tmp_path / "r_figures" / "mlp_final_all.pdf").is_file()
+
+
+def test_reproduced_page_embeds_every_figure(tiny):
+    page = (tiny / "report.html").read_text()
+    for anchor in ("fig1", "fig2", "fig3", "fig4", "fig6", "fig7", "fig8", "headline", "runs"):
+        assert f'id="{anchor}"' in page
+    images = _images(page)
+    assert len(images) >= 8  # 2 rfm + 2 mlp + 3 theory figures + 2 cross-dataset figures
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    _self_contained(page)
+
+
+# ----------------------------------------------------------------------------- browser
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+@pytest.mark.browser
+def test_report_in_headless_chromium(tiny, tmp_path):
+    """The page opens from disk: every image decodes, nothing is fetched, no console error."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium not found (Debian: apt-get install chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright not installed (pip install -e '.[test]')")
+    url = (tiny / "report.html").resolve().as_uri()
+    requests, errors = [], []
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=args,
+            viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url, wait_until="load")
+            widths = page.evaluate(
+                "Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            context.close()
+    print(f"screenshot: {shot}")
+    assert len(widths) >= 8 and all(w > 0 for w in widths), widths
+    assert [u for u in requests if u != url and not u.startswith("data:")] == []
+    assert errors == []
+    assert shot.stat().st_size > 10_000
