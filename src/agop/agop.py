@@ -37,10 +37,11 @@ from typing import Callable
 import torch
 
 from agop.backend import float64_slowdown, plan_rows
+from agop.choices import AGOP_METHODS
 from agop.kernels import RadialKernel, _zero_self, pairwise_distances
 from agop.linalg import gram_lower_blocks
 
-METHODS = ("auto", "direct", "gram")
+METHODS = AGOP_METHODS
 
 
 def agop_cost(n: int, N: int, K: int, D: int, method: str, *, float64_slowdown: float = 1.0) -> float:

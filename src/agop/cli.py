@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from agop import __version__
+from agop import __version__, choices
 
 
 def _die(msg: str) -> int:
@@ -44,7 +44,7 @@ def _run_flags(p: argparse.ArgumentParser, kind: str, *, test_n: str, seed: str)
                    help="train on the first N points in file order (default: all)")
     p.add_argument("--test-n", dest="test_n", type=int, default=S, metavar="N", help=test_n)
     p.add_argument("--seed", type=int, default=S, help=seed)
-    p.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu or cuda")
+    p.add_argument("--device", default=S, choices=choices.DEVICES, help="auto (default: the GPU if there is one), cpu or cuda")
     p.add_argument("--data-dir", dest="data_dir", default=S, metavar="DIR",
                    help="data root (default: $AGOP_DATA, else ~/.cache/agop)")
     p.add_argument("--out", default=None, metavar="DIR", help=f"run folder (default: runs/{kind}-<time>)")
@@ -77,12 +77,12 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=S, help="random-feature width (default: 512)")
     p.add_argument("--ridge", type=float, default=S,
                    help="ridge μ (default: 0, ridgeless as the paper; the authors' code used 1e-3)")
-    p.add_argument("--features", choices=("gaussian", "uniform"), default=S,
+    p.add_argument("--features", choices=choices.FEATURES, default=S,
                    help="W ~ N(0, 2/width) (default, Prop. 5.1) or nn.Linear's uniform init")
     p.add_argument("--no-standardize", dest="standardize", action="store_false", default=S,
                    help="Algorithm 1 as printed: rows only normalized (default: standardize "
                         "each feature first, as the authors' scripts do)")
-    p.add_argument("--dtype", default=S,
+    p.add_argument("--dtype", default=S, choices=choices.DTYPES,
                    help="compute dtype: auto (default: float32), float32 or float64")
     p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
     p.set_defaults(func=_cmd_rfm)
@@ -119,7 +119,7 @@ def _add_mlp(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=S, help="hidden width (default: 512)")
     p.add_argument("--depth", type=int, default=S, help="number of hidden layers (default: 5)")
     p.add_argument("--batch-size", type=int, default=S, help="minibatch size (default: 128)")
-    p.add_argument("--preset", choices=["paper", "authors"], default=S,
+    p.add_argument("--preset", choices=choices.MLP_PRESETS, default=S,
                    help="paper: Appendix C (default); authors: their job scripts (lr 5e-5, "
                         "init gain 0.1, Adam re-created every epoch)")
     p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")

@@ -447,3 +447,119 @@ def test_cuda_run_fits_in_its_memory_estimate(data_root, monkeypatch):
     torch.cuda.reset_peak_memory_stats()
     model.fit(train.X, train.y)
     assert torch.cuda.max_memory_allocated() <= 1.25 * need
+
+
+# ----------------------------------------------------------------------------- Nyström solver
+def _nc1_per_layer(model, X, y):
+    return [collapse.nc1(step.inputs, step.y.cpu().numpy()) for step in model.fit_iter(X, y)]
+
+
+def test_nystrom_with_every_point_a_center_is_the_exact_solver(digits):
+    """M = N and a vanishing ridge: the Nyström problem's minimizer interpolates, f_l is the
+    exact ridgeless machine, so every layer's features agree (float64)."""
+    X, y, _, _ = digits
+    kw = dict(depth=2, width=48, dtype="float64", device="cpu")
+    exact = _nc1_per_layer(DeepRFM(solver="exact", **kw), X, y)
+    nys = DeepRFM(solver="nystrom", centers=len(y), nystrom_ridge=1e-12, **kw)
+    got = _nc1_per_layer(nys, X, y)
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+    assert nys.solver_ == "nystrom" and len(nys.centers_) == len(y)
+    assert all(info["trusted"] and info["residual"] < 1e-6 for info in nys.fit_info_)
+
+
+def test_nystrom_records_the_accuracy_score_gives(digits):
+    """The recorded train accuracy of the last layer is what score() gives on the same points
+    (a solve that cannot interpolate must not report that it does)."""
+    X, y, _, _ = digits
+    model = DeepRFM(depth=2, width=48, solver="nystrom", centers=40, device="cpu",
+                    dtype="float64")
+    accs = [step.train_acc for step in model.fit_iter(X, y)]
+    assert accs[-1] == pytest.approx(model.score(X, y), abs=1e-12)
+    assert accs[-1] < 1.0  # 40 centers for 200 points: it does not interpolate
+    assert model.X_fit_.shape == (40, 48) and model.coef_.shape == (40, 10)
+    labels = y[model.centers_]
+    assert np.bincount(labels, minlength=10).min() == 4  # class-balanced
+
+
+def test_nystrom_is_deterministic_and_centers_follow_the_seed(digits):
+    X, y, _, _ = digits
+    kw = dict(depth=1, width=32, solver="nystrom", centers=50, device="cpu")
+    a, b = DeepRFM(seed=3, **kw).fit(X, y), DeepRFM(seed=3, **kw).fit(X, y)
+    np.testing.assert_array_equal(a.centers_, b.centers_)
+    assert torch.equal(a.coef_, b.coef_)
+    c = DeepRFM(seed=4, **kw).fit(X, y)
+    assert not np.array_equal(a.centers_, c.centers_)
+
+
+def test_nystrom_resume_replays_the_features_exactly(digits):
+    """A checkpoint without training features (a distributed fit's) resumes from the raw rows:
+    the replayed layers give exactly the numbers of an uninterrupted fit."""
+    X, y, _, _ = digits
+    kw = dict(depth=3, width=32, solver="nystrom", centers=60, device="cpu")
+    full = DeepRFM(**kw)
+    rows_full = [(s.layer, collapse.nc1(s.inputs, s.y.cpu().numpy())) for s in full.fit_iter(X, y)]
+
+    model = DeepRFM(**kw)
+    steps = model.fit_iter(X, y)
+    first = [(s.layer, collapse.nc1(s.inputs, s.y.cpu().numpy())) for s in [next(steps)]]
+    state = model.state_dict()
+    state["train"], state["y"] = None, None  # what a distributed fit saves
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restored = DeepRFM.from_state_dict(torch.load(buf, weights_only=True))
+    with pytest.raises(ValueError, match="needs the training rows"):
+        restored.resume_iter()
+    rest = [(s.layer, collapse.nc1(s.inputs, s.y.cpu().numpy()))
+            for s in restored.resume_iter(X)]
+    assert first + rest == rows_full
+    assert torch.equal(restored.coef_, full.coef_)
+    np.testing.assert_array_equal(restored.predict(X), full.predict(X))
+
+
+def test_features_after_is_what_the_fit_carried(digits):
+    X, y, _, _ = digits
+    model = DeepRFM(depth=2, width=32, device="cpu")
+    carried = [step.stages.get("features") for step in model.fit_iter(X, y)]
+    assert torch.equal(model.features_after(X, 1), carried[0])
+    assert torch.equal(model.features_after(X, 2), carried[1])
+    with pytest.raises(ValueError, match="layers must be in 0..2"):
+        model.features_after(X, 3)
+
+
+def test_auto_solver_takes_nystrom_only_where_exact_does_not_fit(digits, monkeypatch):
+    X, y, _, _ = digits
+    model = DeepRFM(depth=1, width=16, device="cpu", centers=30)
+    model.fit(X, y)
+    assert model.solver_ == "exact" and model.centers_ is None
+    rng = np.random.default_rng(0)
+    Xb, yb = rng.standard_normal((2000, 12)), np.arange(2000) % 4
+    exact = model.memory_needed(2000, 12, 4, solver="exact")
+    nys = model.memory_needed(2000, 12, 4, solver="nystrom")
+    assert nys < exact / 4  # N·M instead of N²
+    monkeypatch.setenv("AGOP_MEMORY_GB", str((exact + nys) / 2 / 2**30))
+    model.fit(Xb, yb)
+    assert model.solver_ == "nystrom" and len(model.centers_) == 30
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(solver="nystrom", centers=201), "centers = 201 but there are only N = 200"),
+    (dict(solver="nystrom", centers=5), "fewer than the K = 10 classes"),
+    (dict(solver="qr"), "solver must be one of"),
+    (dict(solver="nystrom", nystrom_ridge=-1.0), "nystrom_ridge"),
+    (dict(solver="nystrom", centers=0), "centers"),
+])
+def test_nystrom_bad_settings_are_refused_before_work(digits, params, match):
+    X, y, _, _ = digits
+    model = DeepRFM(depth=1, width=16, device="cpu", **params)
+    with pytest.raises(ValueError, match=match):
+        model.fit(X, y)
+    assert not getattr(model, "fit_info_", [])
+
+
+def test_nystrom_works_in_a_grid_search(digits):
+    X, y, _, _ = digits
+    search = GridSearchCV(DeepRFM(depth=1, width=16, solver="nystrom", device="cpu"),
+                          {"centers": [30, 60]}, cv=2).fit(X, y)
+    assert search.best_params_["centers"] in (30, 60)
+    assert 0.5 < search.best_score_ <= 1.0

@@ -27,6 +27,7 @@ measure the same too. Only rounding differs, so there is no option for it.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -35,6 +36,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
 
+from agop import choices as _choices
 from agop._validate import check_finite, check_int, check_matrix, check_positive, to_numpy
 from agop.agop import METHODS as AGOP_METHODS
 from agop.agop import kernel_agop, resolve_method
@@ -42,18 +44,25 @@ from agop.backend import (dtype_name, format_bytes, memory_budget, parse_dtype, 
                           resolve_device, strict_fp32, synchronize)
 from agop.kernels import KERNELS, RadialKernel, class_groups, get_kernel, pairwise_distances
 from agop.linalg import psd_power
+from agop.distributed import Comm, check_world_size, current, local, row_range
+from agop.nystrom import fit_nystrom, nystrom_memory, nystrom_predict, select_centers
 from agop.solve import kernel_ridge, signed_one_hot
 
-__all__ = ["DeepRFM", "FEATURES", "FIT_INFO", "LayerFit", "LayerStep", "STEPS", "apply_layer",
+__all__ = ["DeepRFM", "FEATURES", "FIT_INFO", "NYSTROM_INFO", "SOLVERS", "LayerFit", "LayerStep", "STEPS", "apply_layer",
            "distance_matrix", "fit_layer", "kernel_matrix", "kernel_predict", "layer_memory",
            "normalize_rows", "random_weights", "solve_layer"]
 
-FEATURES = ("gaussian", "uniform")
+FEATURES = _choices.FEATURES
 # the timed steps of one layer (Algorithm 1's own work; measurement is timed by the experiment)
 STEPS = ("kernel", "solve", "agop", "sqrt", "features")
 # the keys of one layer's fit information (DeepRFM.fit_info_, LayerStep.info), in this order
 FIT_INFO = ("layer", "jitter", "solve_dtype", "kernel_dtype", "dtype", "agop_method",
             "agop_precision", "agop_fallback", "n", "dim", "seconds")
+# further keys of a Nyström layer's fit information (exact layers keep FIT_INFO only)
+NYSTROM_INFO = ("solver", "centers", "nystrom_ridge", "condition", "residual", "trusted")
+SOLVERS = _choices.SOLVERS
+#: M when ``centers`` is None: min(N, this).
+DEFAULT_CENTERS = 4000
 
 
 # ----------------------------------------------------------------------------- layer primitives
@@ -450,6 +459,13 @@ class LayerStep:
         Class rows of the centers (distances about each class's mean).
     W : torch.Tensor or None
         W_l (width × D, on the device); None for the final solve.
+    comm : Comm
+        The process group of the fit (:func:`agop.distributed.local` in one process). In a
+        distributed fit ``stages`` and ``y`` hold this rank's rows; ``train_acc`` is global.
+    n_total : int
+        N, the number of training points over all ranks.
+    solver : str
+        ``"exact"`` or ``"nystrom"``: f_l's centers are all N training points or M of them.
     """
 
     layer: int
@@ -463,6 +479,9 @@ class LayerStep:
     centers: torch.Tensor
     groups: list[torch.Tensor]
     W: torch.Tensor | None = None
+    comm: Comm = field(default_factory=local)
+    n_total: int = 0
+    solver: str = "exact"
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -472,6 +491,8 @@ class LayerStep:
     def predict(self, H: torch.Tensor) -> torch.Tensor:
         """f_l(H), n × K, for inputs H of this layer (n × D, rows normalized as the fit did:
         :func:`normalize_rows` of :meth:`DeepRFM.preprocess` or of :meth:`forward`)."""
+        if self.solver == "nystrom":
+            return nystrom_predict(self.kernel, H, self.centers, self.fit.coef, groups=self.groups)
         return kernel_predict(self.kernel, H, self.centers, self.fit.coef, self.groups)
 
     def forward(self, H: torch.Tensor) -> torch.Tensor:
@@ -535,7 +556,29 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         Compute dtype for kernels, solves and AGOPs; ``"auto"`` is
         :func:`agop.backend.default_dtype`. M^{1/2} is float64.
     agop_method : {"auto", "direct", "gram"}, default "auto"
-        See :func:`agop.kernel_agop`.
+        See :func:`agop.kernel_agop` (exact solver).
+    solver : {"auto", "exact", "nystrom"}, default "auto"
+        ``"exact"``: Algorithm 1 as written, the N × N kernel system by Cholesky.
+        ``"nystrom"``: f_l over M class-balanced training points (:mod:`agop.nystrom`): α from
+        the Nyström ridge problem min ‖K_NCα − Y‖² + λαᵀK_CCα by a streamed QR, the AGOP at the
+        training points; memory O(N·M/P) instead of N², data-parallel over a process group.
+        ``"auto"``: exact where its memory plan fits in one process, else Nyström (always
+        Nyström when ``torch.distributed`` runs several processes).
+    centers : int, optional
+        M, the number of Nyström centers (default min(N, 4000)); K ≤ M ≤ N. The same centers
+        (seeded by ``seed``) serve every layer.
+    nystrom_ridge : float, default 1e-6
+        λ of the Nyström problem (Algorithm 1 is ridgeless; with M < N a small ridge keeps the
+        solve well posed; docs/scaling.md measures the choice).
+    agop_points : int, optional
+        Nyström only: evaluate the AGOP at a seeded sample of this many training points
+        (default: all N).
+
+    Distributed fits: when ``torch.distributed`` is initialized with P > 1 processes (e.g.
+    under ``torchrun``), every rank calls :meth:`fit` with its own rows, the contiguous block
+    :func:`agop.distributed.row_range` (N, rank, P) of the training set; the labels are
+    gathered, the features standardized with global statistics and the partial sums of the
+    solve, the AGOP and the accuracies meet in all-reduces. Every rank ends with the same model.
 
     Attributes
     ----------
@@ -551,11 +594,18 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     weights_ : list of torch.Tensor
         W_l (float64), l = 1..L.
     coef_ : torch.Tensor
-        α_{L+1}, N × K, in the dtype its solve succeeded in.
+        α_{L+1}, N × K (M × K for Nyström, float64), in the dtype its solve succeeded in.
     X_fit_ : torch.Tensor
-        The normalized training features of layer L + 1 (the centers of f_{L+1}), N × D.
+        The centers of f_{L+1}: the normalized training features of layer L + 1 (N × D), or
+        the M Nyström centers' (M × D).
     y_fit_ : torch.Tensor
         Their class indices into ``classes_``.
+    solver_ : str
+        The solver that ran, ``"exact"`` or ``"nystrom"``.
+    centers_ : numpy.ndarray or None
+        Nyström: the M global row indices of the centers (sorted); None for the exact solver.
+    n_total_ : int
+        N, the number of training points (over all ranks).
     fit_info_ : list of dict
         One dict per layer (keys :data:`FIT_INFO`): jitter, dtypes, AGOP form, n, dim and the
         seconds per step.
@@ -572,7 +622,9 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     def __init__(self, *, depth: int = 10, bandwidth: float = 2.0, width: int = 512,
                  ridge: float = 0.0, features: str = "gaussian", standardize: bool = True,
                  seed: int = 0, device: str = "auto", kernel: str = "laplace",
-                 dtype: str = "auto", agop_method: str = "auto"):
+                 dtype: str = "auto", agop_method: str = "auto", solver: str = "auto",
+                 centers: int | None = None, nystrom_ridge: float = 1e-6,
+                 agop_points: int | None = None):
         self.depth = depth
         self.bandwidth = bandwidth
         self.width = width
@@ -584,6 +636,10 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         self.kernel = kernel
         self.dtype = dtype
         self.agop_method = agop_method
+        self.solver = solver
+        self.centers = centers
+        self.nystrom_ridge = nystrom_ridge
+        self.agop_points = agop_points
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -614,6 +670,13 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"kernel must be one of {tuple(KERNELS)}; got {self.kernel!r}")
         if self.agop_method not in AGOP_METHODS:
             raise ValueError(f"agop_method must be one of {AGOP_METHODS}; got {self.agop_method!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
+        if self.centers is not None:
+            check_int(self.centers, "centers", minimum=1)
+        check_positive(self.nystrom_ridge, "nystrom_ridge", allow_zero=True)
+        if self.agop_points is not None:
+            check_int(self.agop_points, "agop_points", minimum=1)
         return _Validated(resolve_device(self.device), parse_dtype(self.dtype),
                           get_kernel(self.kernel, self.bandwidth))
 
@@ -759,16 +822,35 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             One per layer l = 1..L+1.
         """
         v = self._validated()
+        comm = current()
         X = self._check_X(X, "X", reset=True)
-        N = X.shape[0]
-        y_idx = self._labels(y, N)
+        n_local = X.shape[0]
+        if comm.world == 1:
+            N, start = n_local, 0
+            y_idx = self._labels(y, N)
+        else:
+            N, start, y_idx = self._gather_labels(comm, X, y)
+        d, K = self.n_features_in_, len(self.classes_)
+        solver = self._resolve_solver(N, d, K, comm.world)
         self.device_, self.dtype_, self.kernel_ = v.device, v.dtype, v.kernel
-        self.check_memory(N, self.n_features_in_, len(self.classes_))
+        self.check_memory(N, d, K, solver=solver, world=comm.world)
+        self.solver_, self.n_total_ = solver, N
+        self.centers_ = None
+        if solver == "nystrom":
+            M = min(N, DEFAULT_CENTERS) if self.centers is None else int(self.centers)
+            if M > N:
+                raise ValueError(f"centers = {M} but there are only N = {N} training points")
+            self.centers_ = select_centers(y_idx, M, int(self.seed))
 
         if self.standardize:
             X64 = _float64(X)
-            self.mean_ = X64.mean(dim=0).numpy()
-            self.scale_ = X64.std(dim=0, correction=0).numpy()
+            if comm.world == 1:
+                self.mean_ = X64.mean(dim=0).numpy()
+                self.scale_ = X64.std(dim=0, correction=0).numpy()
+            else:  # global statistics: Σx, then Σ(x − mean)², all-reduced in float64
+                mean = comm.all_reduce_sum(X64.sum(dim=0)) / N
+                var = comm.all_reduce_sum(((X64 - mean) ** 2).sum(dim=0)) / N
+                self.mean_, self.scale_ = mean.numpy(), var.sqrt().numpy()
             del X64
         else:
             self.mean_ = self.scale_ = None
@@ -777,17 +859,109 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         self.fit_info_ = []
         self.layers_done_ = 0
         self._rng_state = torch.Generator().manual_seed(int(self.seed)).get_state()
+        self._comm = comm
+        self._y_all = np.asarray(y_idx, dtype=np.int64)
         self._train = self._preprocess(X, "X")
-        self._y = torch.as_tensor(y_idx, device=self.device_)
+        self._y = torch.as_tensor(self._y_all[start:start + n_local], device=self.device_)
         self._groups = class_groups(self._y, len(self.classes_))
         return self._run()
 
-    def resume_iter(self) -> Iterator[LayerStep]:
+    def _gather_labels(self, comm: Comm, X: Any, y: Any) -> tuple[int, int, np.ndarray]:
+        """Distributed fit: every rank's labels, checked against the row blocks of
+        :func:`agop.distributed.row_range`; returns (N, this rank's first row, all N label
+        indices) and sets ``classes_`` from all labels."""
+        from sklearn.utils.validation import column_or_1d
+
+        y = column_or_1d(to_numpy(y), warn=True)
+        if y.shape[0] != X.shape[0]:
+            raise ValueError(f"y has {y.shape[0]} label(s) but X has {X.shape[0]} row(s); they "
+                             "must match one label per sample")
+        comm.agree(int(self.n_features_in_), "the number of input features")
+        parts = comm.all_gather_object(y)
+        N = sum(len(p) for p in parts)
+        check_world_size(N, comm.world, "training points")
+        for r, part in enumerate(parts):
+            a, b = row_range(N, r, comm.world)
+            if len(part) != b - a:
+                raise ValueError(
+                    f"rank {r} of {comm.world} holds {len(part)} training rows but must hold rows "
+                    f"{a}..{b - 1} of N = {N} (agop.distributed.row_range: contiguous blocks, "
+                    "sizes differing by at most one, lower ranks first)")
+        y_idx = self._labels(np.concatenate(parts), N)
+        return N, row_range(N, comm.rank, comm.world)[0], y_idx
+
+    def _resolve_solver(self, N: int, d: int, K: int, world: int) -> str:
+        """The solver that runs: ``solver`` itself, checked, or the choice of ``"auto"``."""
+        if self.solver == "exact":
+            if world > 1:
+                raise ValueError(
+                    f"solver='exact' runs in one process but this fit has {world}; use "
+                    "solver='nystrom' (or 'auto') to fit data-parallel")
+            return "exact"
+        if self.solver == "nystrom" or world > 1:
+            return "nystrom"
+        v = self._validated()
+        fits = self.memory_needed(N, d, K, solver="exact") <= memory_budget(v.device, fraction=1.0)
+        return "exact" if fits else "nystrom"
+
+    def resume_iter(self, X: Any = None) -> Iterator[LayerStep]:
         """Continue a fit restored by :meth:`from_state_dict` (a generator like :meth:`fit_iter`;
-        empty if the fit had finished)."""
-        if getattr(self, "_train", None) is None and getattr(self, "layers_done_", 0) <= self.depth:
-            raise ValueError("nothing to resume: this DeepRFM holds no fit in progress")
+        empty if the fit had finished).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor, optional
+            The raw training rows the fit started from (this rank's, in a distributed fit).
+            Needed when the checkpoint holds no training features (a distributed fit's): they
+            are rebuilt by replaying the fitted layers (:meth:`features_after`), with exactly
+            the numbers the interrupted fit had on the same device and threads.
+        """
+        pending = getattr(self, "layers_done_", 0) <= self.depth
+        if pending and getattr(self, "_train", None) is None:
+            if X is None:
+                raise ValueError("nothing to resume: this DeepRFM holds no fit in progress "
+                                 "(a distributed checkpoint needs the training rows: "
+                                 "resume_iter(X))")
+            comm = self._comm
+            if comm.world > 1:
+                a, b = row_range(self.n_total_, comm.rank, comm.world)
+            else:
+                a, b = 0, self.n_total_
+            if X.shape[0] != b - a:
+                raise ValueError(f"resume_iter: X has {X.shape[0]} rows but this rank holds rows "
+                                 f"{a}..{b - 1} of N = {self.n_total_}")
+            self._y = torch.as_tensor(self._y_all[a:b], device=self.device_)
+            self._groups = class_groups(self._y, len(self.classes_))
+            self._train = self.features_after(X, self.layers_done_)
         return self._run()
+
+    def features_after(self, X: Any, layers: int) -> torch.Tensor:
+        """The features of raw inputs X after ``layers`` fitted layers, before the next row
+        normalization: exactly what the fit carries into layer ``layers + 1``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            n × d raw inputs.
+        layers : int
+            0..``layers_done_`` (and at most L).
+
+        Returns
+        -------
+        torch.Tensor
+            n × D, compute dtype, on the device (0 layers: :meth:`preprocess`).
+        """
+        self._check_started()
+        layers = check_int(layers, "layers", minimum=0)
+        if layers > min(self.layers_done_, self.depth):
+            raise ValueError(f"layers must be in 0..{min(self.layers_done_, self.depth)} (the "
+                             f"fitted layers); got {layers}")
+        with strict_fp32():
+            H = self.preprocess(X)
+            for j in range(layers):
+                H = apply_layer(normalize_rows(H, f"layer {j + 1} training features"),
+                                self.sqrt_agops_[j], self.weights_[j])[1]
+        return H
 
     def _run(self) -> Iterator[LayerStep]:
         with strict_fp32():
@@ -803,6 +977,41 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         return fit_layer(Xn, Y, self.kernel_, self.ridge, self.agop_method, self._groups,
                          try_float32=try_float32)
 
+    def _solve_nystrom(self, Xn: torch.Tensor, final: bool) -> tuple[LayerFit, Any]:
+        """The Nyström layer (:func:`agop.nystrom.fit_nystrom`) as a :class:`LayerFit`, and the
+        :class:`agop.nystrom.NystromFit` with its checks. M^{1/2} is computed on rank 0 and
+        broadcast, so every rank maps its rows with the same matrix."""
+        comm = self._comm
+        nf = fit_nystrom(Xn, self._y_all, self.centers_, self.kernel_, float(self.nystrom_ridge),
+                         comm=comm, num_classes=len(self.classes_), per_class=True,
+                         agop=not final, agop_points=self.agop_points, seed=int(self.seed))
+        sec = nf.seconds
+        seconds = {
+            "kernel": sum(sec.get(k, 0.0) for k in ("centers", "ridge", "knc")),
+            "solve": sum(sec.get(k, 0.0) for k in ("qr", "combine", "cg", "solve", "fitted",
+                                                   "check")),
+        }
+        sqrt = None
+        if not final:
+            seconds["agop"] = sec.get("agop", 0.0)
+            t = time.perf_counter()
+            sqrt = psd_power(nf.agop, 0.5) if comm.is_root else torch.empty(
+                nf.agop.shape, dtype=torch.float64, device=nf.agop.device)
+            sqrt = comm.broadcast(sqrt)
+            synchronize(Xn.device)
+            seconds["sqrt"] = time.perf_counter() - t
+        if not nf.trusted:
+            warnings.warn(
+                f"Nyström solve not trusted (condition ≈ {nf.condition:.3g}, estimated relative "
+                f"error {nf.error_estimate:.3g}, optimality {nf.optimality:.3g}); recorded as "
+                "trusted=False. A larger nystrom_ridge or dtype='float64' helps", stacklevel=4)
+        fit = LayerFit(coef=nf.coef, agop=nf.agop, sqrt_agop=sqrt, jitter=nf.jitter,
+                       solve_dtype="float64", kernel_dtype=nf.dtype, fitted=nf.fitted,
+                       seconds=seconds,
+                       agop_info={} if final else {"method": "nystrom", "precision": nf.dtype,
+                                                   "fallback": False})
+        return fit, nf
+
     def _draw_weights(self, d_in: int) -> torch.Tensor:
         gen = torch.Generator()
         gen.set_state(self._rng_state)
@@ -815,10 +1024,15 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         final = l == self.depth + 1
         dev = self.device_
         Xn = normalize_rows(self._train, f"layer {l} training features")
-        Y = signed_one_hot(self._y, len(self.classes_), self.dtype_)
-        # classes only collapse further: once the float32 gram form was refused, skip it
-        refused = any(info["agop_fallback"] for info in self.fit_info_)
-        fit = self._solve(Xn, Y, final, try_float32=not refused)
+        nystrom = self.solver_ == "nystrom"
+        nf = None
+        if nystrom:
+            fit, nf = self._solve_nystrom(Xn, final)
+        else:
+            Y = signed_one_hot(self._y, len(self.classes_), self.dtype_)
+            # classes only collapse further: once the float32 gram form was refused, skip it
+            refused = any(info["agop_fallback"] for info in self.fit_info_)
+            fit = self._solve(Xn, Y, final, try_float32=not refused)
         seconds = dict(fit.seconds)
 
         stages = {"input": Xn}
@@ -830,7 +1044,7 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             synchronize(dev)
             seconds["features"] = time.perf_counter() - t
 
-        N, D = Xn.shape
+        N, D = self.n_total_, Xn.shape[1]
         info = {
             "layer": l,
             "jitter": fit.jitter,
@@ -844,13 +1058,27 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             "dim": D,
             "seconds": {k: seconds[k] for k in STEPS if k in seconds},
         }
+        comm = self._comm
+        if nystrom:
+            info.update(solver="nystrom", centers=len(self.centers_),
+                        nystrom_ridge=float(self.nystrom_ridge), condition=nf.condition,
+                        residual=nf.residual, trusted=bool(nf.trusted))
+            correct = (fit.fitted.argmax(dim=1) == self._y).sum().to(torch.float64)
+            train_acc = float(comm.all_reduce_sum(correct)) / self.n_total_
+            centers, groups = nf.center_features, _on(nf.groups, dev)
+        else:
+            train_acc = _accuracy(fit.fitted, self._y)
+            centers, groups = Xn, self._groups
         step = LayerStep(layer=l, final=final, stages=stages, y=self._y, fit=fit,
-                         train_acc=_accuracy(fit.fitted, self._y), info=info,
-                         kernel=self.kernel_, centers=Xn, groups=self._groups, W=W)
+                         train_acc=train_acc, info=info, kernel=self.kernel_, centers=centers,
+                         groups=groups, W=W, comm=comm, n_total=self.n_total_,
+                         solver=self.solver_)
         if final:
             self.coef_ = fit.coef
-            self.X_fit_ = Xn
-            self.y_fit_ = self._y
+            self.X_fit_ = centers
+            self.y_fit_ = (torch.as_tensor(self._y_all[self.centers_], device=dev) if nystrom
+                           else self._y)
+            self._fit_groups = groups
             self._train = None
         else:
             self.sqrt_agops_.append(fit.sqrt_agop)
@@ -896,10 +1124,16 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             "weights": [cpu(t) for t in self.weights_],
             "fit_info": [dict(info, seconds=dict(info["seconds"])) for info in self.fit_info_],
             "generator": self._rng_state,
-            "train": cpu(getattr(self, "_train", None)),
-            "y": cpu(self._y),
+            # a distributed fit's features are per rank: resume_iter(X) replays them instead
+            "train": cpu(getattr(self, "_train", None)) if self._comm.world == 1 else None,
+            "y": cpu(self._y) if self._comm.world == 1 else None,
             "coef": cpu(self.coef_),
             "X_fit": cpu(self.X_fit_),
+            "y_fit": cpu(self.y_fit_),
+            "solver_": self.solver_,
+            "centers_": array(self.centers_),
+            "y_all": array(self._y_all),
+            "n_total": int(self.n_total_),
         }
 
     @classmethod
@@ -954,27 +1188,47 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             model.fit_info_ = [dict(info, seconds=dict(info["seconds"]))
                                for info in state["fit_info"]]
         model._rng_state = state["generator"]
+        model._comm = current()
         model._train = put(state["train"])
         model._y = put(state["y"])
+        model.solver_ = state.get("solver_", "exact")
+        model.centers_ = array(state.get("centers_"))
+        y_all = state.get("y_all")
+        model._y_all = (y_all.numpy() if y_all is not None
+                        else state["y"].numpy().astype(np.int64))
+        model.n_total_ = int(state.get("n_total", len(model._y_all)))
         model.coef_ = put(state["coef"])
         model.X_fit_ = put(state["X_fit"])
-        model.y_fit_ = model._y if model.coef_ is not None else None
-        model._groups = class_groups(model._y, len(model.classes_))
+        y_fit = state.get("y_fit")
+        model.y_fit_ = put(y_fit) if y_fit is not None else (
+            model._y if model.coef_ is not None else None)
+        if model._y is not None:
+            model._groups = class_groups(model._y, len(model.classes_))
+        model._fit_groups = (None if model.y_fit_ is None
+                             else class_groups(model.y_fit_, len(model.classes_)))
         return model
 
     # -- memory ---------------------------------------------------------------------------
-    def memory_needed(self, n: int, d: int, k: int, n_test: int = 0) -> int:
-        """Estimated peak bytes of the largest layer of this model on n points of dimension d.
+    def memory_needed(self, n: int, d: int, k: int, n_test: int = 0, *,
+                      solver: str | None = None, world: int = 1) -> int:
+        """Estimated peak bytes, on one rank, of the largest layer of this model on n points of
+        dimension d.
 
-        Layer 1 works in d dimensions, layers 2..L+1 in ``width``; see :func:`layer_memory`.
-        Needs no fit (the parameters are checked).
+        Layer 1 works in d dimensions, layers 2..L+1 in ``width``. The exact solver:
+        :func:`layer_memory`. Nyström: this rank's ⌈n/world⌉ rows (features in and normalized,
+        train and test) plus :func:`agop.nystrom.nystrom_memory` with K_NC streamed. Needs no
+        fit (the parameters are checked).
 
         Parameters
         ----------
         n, d, k : int
-            Training points, input dimension, classes.
+            Training points (all ranks), input dimension, classes.
         n_test : int
             Test points carried through the layers beside the fit.
+        solver : {"exact", "nystrom"}, optional
+            Default: the one ``solver`` resolves to for these sizes.
+        world : int
+            Processes the rows are split over (Nyström).
 
         Returns
         -------
@@ -982,12 +1236,25 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             Bytes.
         """
         v = self._validated()
-        kw = dict(n_test=n_test, dtype=v.dtype, ridge=float(self.ridge),
-                  agop_method=self.agop_method, device=v.device)
-        return max(layer_memory(n, d, k, self.width, **kw),
-                   layer_memory(n, self.width, k, self.width, **kw))
+        solver = solver or self._resolve_solver(n, d, k, world)
+        if solver == "exact":
+            kw = dict(n_test=n_test, dtype=v.dtype, ridge=float(self.ridge),
+                      agop_method=self.agop_method, device=v.device)
+            return max(layer_memory(n, d, k, self.width, **kw),
+                       layer_memory(n, self.width, k, self.width, **kw))
+        M = min(n, DEFAULT_CENTERS) if self.centers is None else int(self.centers)
+        item = torch.tensor([], dtype=v.dtype).element_size()
+        rows, rows_test = -(-n // world), -(-n_test // world)
+        need = 0
+        for D in (d, self.width):
+            resident = item * (2 * (rows + rows_test) * D + rows * self.width) + 8 * rows * k
+            metrics = 8 * 2 * rows * D  # a float64 copy of a stage and its residuals
+            need = max(need, resident + max(metrics, nystrom_memory(
+                rows, M, D, k, v.dtype, keep_knc=False, world=world)))
+        return int(need)
 
-    def check_memory(self, n: int, d: int, k: int, n_test: int = 0) -> int:
+    def check_memory(self, n: int, d: int, k: int, n_test: int = 0, *,
+                     solver: str | None = None, world: int = 1) -> int:
         """Raise ``MemoryError`` (with the size needed) if a fit cannot fit on the device.
 
         Compares :meth:`memory_needed` with :func:`agop.backend.memory_budget` (all of the
@@ -999,13 +1266,19 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             The bytes needed.
         """
         v = self._validated()
-        need = self.memory_needed(n, d, k, n_test)
+        solver = solver or self._resolve_solver(n, d, k, world)
+        need = self.memory_needed(n, d, k, n_test, solver=solver, world=world)
         have = memory_budget(v.device, fraction=1.0)
         if need > have:
+            if solver == "exact":
+                hint = "use fewer points (--n) or solver='nystrom' (--solver nystrom)"
+            else:
+                hint = "use fewer centers (--centers) or more processes (torchrun)"
             raise MemoryError(
-                f"Deep RFM on {n:,} points (dimension {d}, width {self.width}, {k} classes, "
-                f"{dtype_name(v.dtype)}) needs about {format_bytes(need)} on {v.device} "
-                f"but only {format_bytes(have)} is free; use fewer points (--n)"
+                f"Deep RFM ({solver}) on {n:,} points (dimension {d}, width {self.width}, "
+                f"{k} classes, {dtype_name(v.dtype)}, {world} process(es)) needs about "
+                f"{format_bytes(need)} on {v.device} per process but only "
+                f"{format_bytes(have)} is free; {hint}"
             )
         return need
 
@@ -1066,7 +1339,10 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     def _scores(self, X: Any) -> torch.Tensor:
         H = self._features(X)
         with strict_fp32():
-            return kernel_predict(self.kernel_, H, self.X_fit_, self.coef_, self._groups)
+            if self.solver_ == "nystrom":
+                return nystrom_predict(self.kernel_, H, self.X_fit_, self.coef_,
+                                       groups=self._fit_groups)
+            return kernel_predict(self.kernel_, H, self.X_fit_, self.coef_, self._fit_groups)
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (n,) from ``classes_``: the class with the largest output of f_{L+1}."""
@@ -1088,6 +1364,10 @@ def _float64(X: Any, device: torch.device | None = None) -> torch.Tensor:
     if not a.flags.writeable:
         a = np.array(a, dtype=np.float64)  # torch wants writable memory; the same values
     return torch.as_tensor(a, dtype=torch.float64, device=device)
+
+
+def _on(groups: list[torch.Tensor] | None, device: torch.device) -> list[torch.Tensor] | None:
+    return None if groups is None else [g.to(device) for g in groups]
 
 
 def _accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
