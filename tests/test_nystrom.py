@@ -11,7 +11,7 @@ import torch
 
 from agop import nystrom as ny
 from agop.agop import kernel_agop
-from agop.distributed import local, row_range
+from agop.distributed import Comm, local, row_range
 from agop.kernels import GaussianKernel, LaplaceKernel
 from agop.solve import kernel_ridge, signed_one_hot
 
@@ -233,17 +233,20 @@ def test_float32_agop_after_collapse_stays_accurate_in_per_class_coordinates(spr
 
 
 # ----------------------------------------------------------------------------- ranks
-class _ThreadComm:
+class _ThreadComm(Comm):
     """P "ranks" as threads of one process: the collectives of agop.distributed.Comm."""
 
     def __init__(self, box, rank, world):
-        self.box, self.rank, self.world = box, rank, world
+        self.box, self.rank, self.world, self.backend = box, rank, world, "threads"
 
-    def all_gather(self, t):
+    def all_gather_object(self, obj):
         self.box["barrier"].wait()
-        self.box["slots"][self.rank] = t.clone()
+        self.box["slots"][self.rank] = obj
         self.box["barrier"].wait()
         return list(self.box["slots"])
+
+    def all_gather(self, t):
+        return self.all_gather_object(t.clone())
 
     def all_reduce_sum(self, t):
         parts = self.all_gather(t)
@@ -256,14 +259,15 @@ class _ThreadComm:
         return self.all_gather(t)[src]
 
 
-def _run_ranks(world, X, y, **kw):
+def _run_ranks(world, X, y, per_rank=None, **kw):
     box = {"barrier": threading.Barrier(world), "slots": [None] * world}
     out, errors = [None] * world, []
 
     def work(r):
         try:
             a, b = row_range(len(y), r, world)
-            out[r] = ny.fit_nystrom(X[a:b], y, comm=_ThreadComm(box, r, world), **kw)
+            extra = {} if per_rank is None else per_rank[r]
+            out[r] = ny.fit_nystrom(X[a:b], y, comm=_ThreadComm(box, r, world), **kw, **extra)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
             box["barrier"].abort()
@@ -294,6 +298,13 @@ def test_ranks_give_the_single_process_numbers(world, solver):
     assert _rel(torch.cat([f.fitted for f in fits]), one.fitted) < 1e-10
     for name in ("objective", "residual", "condition"):
         assert getattr(fits[0], name) == pytest.approx(getattr(one, name), rel=1e-8)
+
+
+def test_ranks_that_disagree_on_the_settings_are_refused():
+    X, y = _data(N=30, seed=6)
+    with pytest.raises(ValueError, match="ranks disagree on the Nyström settings"):
+        _run_ranks(2, X, y, centers=np.arange(0, 30, 3),
+                   per_rank=[dict(ridge=1e-4), dict(ridge=1e-5)])
 
 
 def test_local_factors_combine_like_one_factor():

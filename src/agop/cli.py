@@ -40,7 +40,8 @@ def _run_flags(p: argparse.ArgumentParser, kind: str, *, test_n: str, seed: str)
     S = argparse.SUPPRESS
     p.add_argument("--dataset", default=S, metavar="NAME",
                    help="digits (default, built in), mnist, fashion-mnist, cifar10, svhn")
-    p.add_argument("--n", type=int, default=S, metavar="N",
+    # --n-train: the same flag under a name torchrun's parser does not take for its --nnodes
+    p.add_argument("--n", "--n-train", dest="n", type=int, default=S, metavar="N",
                    help="train on the first N points in file order (default: all)")
     p.add_argument("--test-n", dest="test_n", type=int, default=S, metavar="N", help=test_n)
     p.add_argument("--seed", type=int, default=S, help=seed)
@@ -84,15 +85,38 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
                         "each feature first, as the authors' scripts do)")
     p.add_argument("--dtype", default=S, choices=choices.DTYPES,
                    help="compute dtype: auto (default: float32), float32 or float64")
+    p.add_argument("--solver", default=S, choices=choices.SOLVERS,
+                   help="exact: the N × N kernel solve (Algorithm 1); nystrom: M centers, "
+                        "data-parallel under torchrun; auto (default): exact where it fits in "
+                        "one process, else nystrom (docs/scaling.md)")
+    p.add_argument("--centers", type=int, default=S, metavar="M",
+                   help="Nyström centers, class-balanced from the seed (default: min(N, 4000))")
+    p.add_argument("--nystrom-ridge", dest="nystrom_ridge", type=float, default=S,
+                   metavar="L", help="ridge λ of the Nyström solve (default: 1e-06)")
+    p.add_argument("--agop-points", dest="agop_points", type=int, default=S, metavar="N",
+                   help="Nyström: evaluate the AGOP at a seeded sample of N training points "
+                        "(default: all)")
     p.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
     p.set_defaults(func=_cmd_rfm)
 
 
 def _cmd_rfm(args: argparse.Namespace) -> int:
+    import os
+
+    from agop.distributed import launched_by_torchrun
     from agop.experiments.rfm import run_rfm, summary_text
 
-    run = run_rfm(out=args.out, resume=args.resume, progress=args.progress,
-                  **_settings(args, run_rfm))
+    try:
+        run = run_rfm(out=args.out, resume=args.resume, progress=args.progress,
+                      **_settings(args, run_rfm))
+    except (ValueError, FileNotFoundError, MemoryError):
+        # under torchrun rank 0 prints: a refused input is refused on every rank alike, and a
+        # rank that fails alone has named itself on stderr (agop.distributed.session)
+        if launched_by_torchrun() and os.environ["RANK"] != "0":
+            return 2
+        raise
+    if run is None:  # a rank other than 0 of a distributed run: rank 0 wrote and prints
+        return 0
     print(summary_text(run.read_summary()))
     print(f"run folder: {run.path}  (metrics.csv, figures/, summary.json)")
     return 0

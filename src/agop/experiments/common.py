@@ -21,6 +21,12 @@ A run goes through the same five steps whatever it measures::
 - :func:`record_device`: one rule for a device change on resume: warn and record the new one.
 - :func:`checkpoint_loop`: run a step iterator, recording and checkpointing after each step
   (through the caller's ``on_step``), with a tqdm progress bar.
+
+Data-parallel runs (under ``torchrun``, :mod:`agop.distributed`) add three pieces: every rank
+loads only its rows (:func:`load_shard`), rank 0 alone opens and writes the run folder
+(:func:`on_root`), and a check that fails on any rank before the work starts fails on every
+rank at the same point (:func:`checked`), as :class:`Refused`, so that no rank is left waiting
+in a collective. In one process all three are plain calls.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import torch
 
 from agop.experiments.records import RunDir, default_run_dir
 
-__all__ = ["RunStart", "checkpoint_loop", "data_config", "explicit_settings", "load_data",
-           "merge_settings", "record_device", "start_run", "write_config"]
+__all__ = ["Refused", "RunStart", "Shard", "checked", "checkpoint_loop", "data_config",
+           "explicit_settings", "load_data", "load_shard", "merge_settings", "on_root",
+           "record_device", "start_run", "test_size", "write_config"]
 
 
 def explicit_settings(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,8 +211,84 @@ def load_data(dataset: str, n: int | None = None, test_n: int | None = None,
     return train, datasets.load(dataset, "test", n=test_n, root=data_dir)
 
 
+def test_size(dataset: str, test_n: int | None, data_dir: str | os.PathLike | None = None, *,
+              test_cap: int | None = None) -> int:
+    """The number of test points :func:`load_data` selects (0: none), from the files' headers."""
+    from agop import datasets
+
+    if test_n == 0:
+        return 0
+    if test_n is None:
+        have = datasets.count(dataset, "test", data_dir)  # from the headers: no pixels read
+        if have is None:
+            return 0
+        return have if test_cap is None else min(test_cap, have)
+    return int(test_n)
+
+
+@dataclass
+class Shard:
+    """One rank's share of a run's data (:func:`load_shard`).
+
+    Attributes
+    ----------
+    train : Dataset
+        This rank's rows ``row_range(n_train, rank, world)`` of the training points selected.
+    test : Dataset or None
+        This rank's rows ``row_range(n_test, rank, world)`` of the test points (None: no test).
+    n_train, n_test : int
+        The numbers of training and test points over all ranks.
+    labels : numpy.ndarray
+        All ``n_train`` training labels (int64), the same on every rank.
+    rows : tuple of int
+        ``(start, stop)``: this rank's training rows.
+    """
+
+    train: Any
+    test: Any
+    n_train: int
+    n_test: int
+    labels: Any
+    rows: tuple[int, int]
+
+
+def load_shard(dataset: str, n: int | None = None, test_n: int | None = None,
+               data_dir: str | os.PathLike | None = None, *, test_cap: int | None = None,
+               rank: int = 0, world: int = 1) -> Shard:
+    """The points :func:`load_data` selects, as rank ``rank`` of ``world`` holds them.
+
+    Every rank reads all training labels (headers and label files only where the format
+    allows) and the pixels of its own contiguous block of rows
+    (:func:`agop.distributed.row_range`) of the training and the test points; concatenated
+    in rank order the blocks are :func:`load_data`'s splits. Communicates with no other rank.
+
+    Raises
+    ------
+    ValueError
+        More processes than training points, or than test points (each rank needs one of
+        each; ``test_n=0`` runs without a test set).
+    """
+    from agop import datasets
+    from agop.distributed import check_world_size, row_range
+
+    labels = datasets.load_labels(dataset, "train", n=n, root=data_dir)
+    N = len(labels)
+    check_world_size(N, world, "training points")
+    n_test = test_size(dataset, test_n, data_dir, test_cap=test_cap)
+    if 0 < n_test < world:
+        raise ValueError(f"{world} processes but only {n_test} test points: each process needs "
+                         f"at least one of them; use --test-n 0 (no test set) or a test set of "
+                         f"at least {world} points")
+    rows = row_range(N, rank, world)
+    train = datasets.load(dataset, "train", n=n, root=data_dir, rows=rows)
+    test = (datasets.load(dataset, "test", n=n_test, root=data_dir,
+                          rows=row_range(n_test, rank, world)) if n_test else None)
+    return Shard(train, test, N, n_test, labels, rows)
+
+
 def data_config(train: Any, test: Any = None,
-                classes: Iterable[int] | None = None) -> dict[str, Any]:
+                classes: Iterable[int] | None = None, *, n_train: int | None = None,
+                n_test: int | None = None) -> dict[str, Any]:
     """``config["data"]`` of a run: one schema for every run kind.
 
     Parameters
@@ -215,6 +298,9 @@ def data_config(train: Any, test: Any = None,
     classes : iterable of int, optional
         The class indices the model was fitted on (e.g. ``DeepRFM.classes_``); default: all of
         ``train.classes``.
+    n_train, n_test : int, optional
+        The numbers of points over all ranks (:class:`Shard`), where ``train`` and ``test``
+        hold one rank's rows; default: their lengths.
 
     Returns
     -------
@@ -223,7 +309,11 @@ def data_config(train: Any, test: Any = None,
         ``class_names`` (of those classes, in index order) and ``image_shape`` (C, H, W).
     """
     idx = range(len(train.classes)) if classes is None else [int(c) for c in classes]
-    return {"name": train.name, "train": len(train), "test": 0 if test is None else len(test),
+    if n_train is None:
+        n_train = len(train)
+    if n_test is None:
+        n_test = 0 if test is None else len(test)
+    return {"name": train.name, "train": int(n_train), "test": int(n_test),
             "dim": int(train.X.shape[1]), "classes": len(idx),
             "class_names": [train.classes[c] for c in idx],
             "image_shape": list(train.image_shape)}
@@ -319,3 +409,87 @@ def checkpoint_loop(steps: Iterable[Any], on_step: Callable[[Any], Mapping[str, 
     finally:
         bar.close()
     return done
+
+
+# ----------------------------------------------------------------------------- distributed runs
+class Refused(Exception):
+    """A check that failed before the work started, raised on every rank at the same point.
+
+    ``error`` is the exception to report: the rank's own where it failed, else a copy of the
+    first failing rank's (same type for ``ValueError``, ``FileNotFoundError`` and
+    ``MemoryError``, else ``RuntimeError``; the message names that rank unless every rank
+    failed alike). The caller leaves the process group cleanly and raises ``error``.
+    """
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+_SENT_TYPES: dict[str, type[Exception]] = {
+    "ValueError": ValueError, "FileNotFoundError": FileNotFoundError, "MemoryError": MemoryError,
+}
+
+
+def _report(exc: BaseException) -> tuple[str, str, str]:
+    """(the type to rebuild, its name, the message) of an exception, to send to other ranks."""
+    kind = next((name for name, t in _SENT_TYPES.items() if isinstance(exc, t)), "")
+    return kind, type(exc).__name__, str(exc)
+
+
+def _rebuilt(report: tuple[str, str, str], rank: int | None, world: int) -> Exception:
+    kind, name, message = report
+    where = "" if rank is None else f"rank {rank} of {world}: "
+    if kind:
+        return _SENT_TYPES[kind](where + message)
+    return RuntimeError(f"{where}{name}: {message}")
+
+
+def on_root(comm: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 alone (reading or writing the run folder), its result on every rank.
+
+    The result travels by :meth:`agop.distributed.Comm.broadcast_object` (objects rank 0
+    made: settings, a path, a checkpoint it loaded with ``weights_only=True``). An exception
+    on rank 0 becomes :class:`Refused` on every rank. In one process: ``fn()``, its exception
+    wrapped in :class:`Refused`.
+    """
+    result, report, own = None, None, None
+    if comm.is_root:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - every kind must reach the other ranks
+            own, report = exc, _report(exc)
+    if comm.world > 1:
+        result, report = comm.broadcast_object((result, report) if comm.is_root else None)
+    if own is not None:
+        raise Refused(own) from own
+    if report is not None:
+        raise Refused(_rebuilt(report, None, comm.world))
+    return result
+
+
+def checked(comm: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank, then one collective to learn whether any rank failed.
+
+    ``fn`` must not communicate (its ranks may fail at different points). If any rank raised,
+    every rank raises :class:`Refused` (see its notes) instead of going on to a collective that
+    the failed rank would never join. Returns this rank's result.
+    """
+    result, own = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - every kind must reach the other ranks
+        own = exc
+    if comm.world == 1:
+        if own is not None:
+            raise Refused(own) from own
+        return result
+    reports = comm.all_gather_object(None if own is None else _report(own))
+    failed = [r for r, rep in enumerate(reports) if rep is not None]
+    if own is not None:
+        raise Refused(own) from own
+    if failed:
+        first = failed[0]
+        alike = len(failed) == comm.world and all(reports[r] == reports[first] for r in failed)
+        raise Refused(_rebuilt(reports[first], None if alike else first, comm.world))
+    return result

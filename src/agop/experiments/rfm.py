@@ -9,6 +9,7 @@ Gram snapshots and the headline numbers. The run skeleton is :mod:`agop.experime
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -19,13 +20,15 @@ import torch
 
 from agop._validate import check_int, finite_positive, metric_float, to_numpy
 from agop.backend import dtype_name, resolve_device, strict_fp32, synchronize
-from agop.experiments.common import (checkpoint_loop, data_config, load_data, record_device,
-                                     start_run, write_config)
-from agop.models.deep_rfm import FIT_INFO, DeepRFM, LayerStep, normalize_rows
+from agop import distributed
+from agop.experiments.common import (Refused, checked, checkpoint_loop, data_config, load_data,
+                                     load_shard, on_root, record_device, start_run, write_config)
+from agop.models.deep_rfm import FIT_INFO, NYSTROM_INFO, DeepRFM, LayerStep, normalize_rows
 
 RFM_DEFAULTS: dict[str, Any] = {
     "dataset": "digits", "n": None, "test_n": None, "depth": 10, "bandwidth": 2.0,
     "width": 512, "ridge": 0.0, "features": "gaussian", "standardize": True, "seed": 0,
+    "solver": "auto", "centers": None, "nystrom_ridge": 1e-6, "agop_points": None,
     "device": "auto", "dtype": "auto", "data_dir": None,
 }
 # settings that may differ when a run is resumed (the device changes numbers by rounding only)
@@ -33,6 +36,7 @@ _FREE_ON_RESUME = ("data_dir", "device")
 TEST_N_DEFAULT = 1000  # test_n=None: up to this many test points
 GRAM_POINTS = 500  # class-balanced training subset whose Gram matrices are kept (Figure 2)
 GRAM_PANELS = 6
+CENTERS_FILE = "centers.npy"  # a Nyström run's centers: global row indices (int64)
 
 
 def gram_layers(depth: int, panels: int = GRAM_PANELS) -> list[int]:
@@ -180,9 +184,14 @@ def summarize(rows: list[dict[str, Any]], grams: list[tuple[int, np.ndarray, np.
         "metric_seconds": sum(r["seconds_metrics"] for r in inputs),
         "fallbacks": [{"layer": r["layer"], "kernel_dtype": r["kernel_dtype"],
                        "solve_dtype": r["solve_dtype"], "jitter": r["jitter"]}
-                      for r in inputs if r["jitter"] or r["solve_dtype"] != r["dtype"]
-                      or r["kernel_dtype"] != r["dtype"]],
+                      for r in inputs if r["jitter"] or r["kernel_dtype"] != r["dtype"]
+                      # the Nyström QR runs in float64 by design: not a fallback
+                      or (r["solve_dtype"] != r["dtype"] and r.get("solver") != "nystrom")],
     }
+    if any(r.get("solver") == "nystrom" for r in inputs):
+        out["solver"] = "nystrom"
+        out["untrusted_layers"] = [r["layer"] for r in inputs
+                                   if r.get("trusted") in (False, "False")]
     gram = gram_summary(grams, num_classes)
     if gram is not None:
         out["gram_last"] = gram
@@ -211,6 +220,9 @@ def summary_text(summary: dict[str, Any]) -> str:
                      f"{g['other_class_mean']:.3f} (ideal {g['other_class_ideal']:.3f})")
     if s["fallbacks"]:
         lines.append(f"precision fallbacks: {s['fallbacks']}")
+    if s.get("untrusted_layers"):
+        lines.append(f"Nyström solves not trusted (see metrics.csv: condition, residual) in "
+                     f"layers {s['untrusted_layers']}")
     return "\n".join(lines)
 
 
@@ -257,12 +269,24 @@ def _accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
     return float((scores.argmax(dim=1) == y).double().mean())
 
 
-def _stage_metrics(H: torch.Tensor, y: torch.Tensor, K: int, where: str) -> dict[str, float]:
+def _stage_metrics(H: torch.Tensor, y: torch.Tensor, K: int, where: str,
+                   comm: Any = None) -> dict[str, float]:
     """:func:`agop.collapse.measure` of one stage; an undefined metric is recorded as NaN with a
-    warning, as the MLP study does (``strict=False``)."""
-    from agop.collapse import measure
+    warning, as the MLP study does (``strict=False``).
 
-    values = measure(H, y, num_classes=K, strict=False)
+    Distributed (``comm`` of world size > 1, H and y this rank's rows): the same metrics from a
+    :class:`agop.collapse.CollapseAccumulator` fed this rank's rows and all-reduced, identical
+    on every rank and equal to ``measure`` on all rows up to rounding. (The accumulator keeps
+    the D × D within-class scatter for ``nc1_pinv``.)
+    """
+    from agop.collapse import CollapseAccumulator, measure
+
+    if comm is None or comm.world == 1:
+        values = measure(H, y, num_classes=K, strict=False)
+    else:
+        acc = CollapseAccumulator(K, H.shape[1], pinv=True, device=H.device)
+        acc.update(H, y)
+        values = acc.all_reduce(comm.group).compute(strict=False)
     undefined = sorted(k for k, v in values.items() if math.isnan(v))
     if undefined:
         warnings.warn(f"collapse metrics {undefined} undefined at {where}; recorded as NaN",
@@ -285,6 +309,13 @@ class LayerMeter:
     (:meth:`LayerStep.forward`), exactly as :meth:`DeepRFM.transform` would. Between layers
     :meth:`state_dict` holds them for a checkpoint.
 
+    Distributed fits (``step.comm`` of world size P > 1): the stages and the test points are
+    this rank's rows; the collapse metrics come from all-reduced accumulators
+    (:func:`_stage_metrics`) and the test accuracy from all-reduced counts, so every rank
+    returns the same metrics (its own ``seconds``). :meth:`state_dict` then leaves the test
+    points out (they are per rank): a resumed run rebuilds them with
+    :meth:`DeepRFM.features_after`.
+
     Parameters
     ----------
     num_classes : int
@@ -303,6 +334,7 @@ class LayerMeter:
         self.num_classes = int(num_classes)
         self.test = test
         self.y_test = y_test
+        self.world = 1  # the world size of the last step measured
 
     @classmethod
     def for_model(cls, model: DeepRFM, X_test: Any = None, y_test: Any = None) -> "LayerMeter":
@@ -333,24 +365,35 @@ class LayerMeter:
     def __call__(self, step: LayerStep) -> list[dict[str, Any]]:
         """The metrics rows of one layer (see the class docstring); advances the test points."""
         l = step.layer
+        comm = getattr(step, "comm", None)
+        self.world = 1 if comm is None else comm.world
         seconds = dict(step.info["seconds"])
         test_acc = None
         with strict_fp32():
             if self.test is not None:
                 t = time.perf_counter()
                 Xte = normalize_rows(self.test, f"layer {l} test features")
-                test_acc = _accuracy(step.predict(Xte), self.y_test)
+                scores = step.predict(Xte)
+                if self.world == 1:
+                    test_acc = _accuracy(scores, self.y_test)
+                else:  # (correct, points) summed over the ranks: exact integers in float64
+                    hits = torch.stack([(scores.argmax(dim=1) == self.y_test).sum(),
+                                        torch.tensor(len(self.y_test), device=scores.device)])
+                    hits = comm.all_reduce_sum(hits.to(torch.float64))
+                    test_acc = float(hits[0]) / float(hits[1])
                 self.test = None if step.final else step.forward(Xte)
                 synchronize(Xte.device)
                 seconds["predict"] = time.perf_counter() - t
             t = time.perf_counter()
-            metrics = {s: _stage_metrics(H, step.y, self.num_classes, f"layer {l} {s}")
+            metrics = {s: _stage_metrics(H, step.y, self.num_classes, f"layer {l} {s}", comm)
                        for s, H in step.stages.items()}
             seconds["metrics"] = time.perf_counter() - t
         common = {
             "train_acc": step.train_acc,
             "test_acc": test_acc,
             **{k: step.info[k] for k in FIT_INFO if k not in ("layer", "seconds")},
+            # Nyström layers only: the solver and its checks (exact runs keep their columns)
+            **{k: step.info[k] for k in NYSTROM_INFO if k in step.info},
             # Algorithm 1's own work; test predictions and metrics are measurement
             "seconds": sum(v for k, v in seconds.items() if k not in ("predict", "metrics")),
             **{f"seconds_{k}": seconds.get(k) for k in COLUMN_STEPS},
@@ -358,9 +401,10 @@ class LayerMeter:
         return [{"layer": l, "stage": s, **metrics[s], **common} for s in step.stages]
 
     def state_dict(self) -> dict[str, Any]:
-        """The test points between layers, as CPU tensors (None without a test set)."""
+        """The test points between layers, as CPU tensors (None without a test set, and in a
+        distributed fit, whose test points are per rank)."""
         def cpu(t):
-            return None if t is None else t.detach().cpu()
+            return None if t is None or self.world > 1 else t.detach().cpu()
 
         return {"num_classes": self.num_classes, "test": cpu(self.test),
                 "y_test": cpu(self.y_test)}
@@ -421,11 +465,41 @@ def _restore(ckpt: dict[str, Any], device: Any) -> tuple[DeepRFM, LayerMeter, li
 
 
 # ----------------------------------------------------------------------------- the experiment
+def _check_settings(s: dict[str, Any]) -> None:
+    """The run's settings that no library call checks before the work starts."""
+    from agop.choices import SOLVERS
+
+    for key in ("n", "test_n"):
+        if s[key] is not None:
+            check_int(s[key], key, minimum=0 if key == "test_n" else 2)
+    if s["solver"] not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {s['solver']!r}")
+    for key in ("centers", "agop_points"):
+        if s[key] is not None:
+            check_int(s[key], key, minimum=1)
+
+
+def _check_sizes(s: dict[str, Any], N: int, K: int) -> None:
+    """Centers and AGOP points against the N training points of K classes."""
+    M = s["centers"]
+    if M is not None and M > N:
+        raise ValueError(f"centers = {M} but there are only N = {N:,} training points; use "
+                         f"--centers {N} or fewer")
+    if M is not None and M < K:
+        raise ValueError(f"centers = {M} but the training points hold K = {K} classes; use "
+                         f"--centers {K} or more (at least one center per class)")
+    if s["agop_points"] is not None and s["agop_points"] > N:
+        raise ValueError(f"agop_points = {s['agop_points']} but there are only N = {N:,} "
+                         f"training points")
+
+
 def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
             dataset: str | None = None, n: int | None = None, test_n: int | None = None,
             depth: int | None = None, bandwidth: float | None = None, width: int | None = None,
             ridge: float | None = None, features: str | None = None,
             standardize: bool | None = None, seed: int | None = None,
+            solver: str | None = None, centers: int | None = None,
+            nystrom_ridge: float | None = None, agop_points: int | None = None,
             device: str | None = None, dtype: str | None = None, data_dir: Any = None,
             pdf: bool = False) -> Any:
     """The ``agop rfm`` experiment: Deep RFM on a dataset, measured per layer and stage.
@@ -436,87 +510,272 @@ def run_rfm(out: Any = None, resume: Any = None, progress: bool = True, *,
     ``runs/rfm-<time>``): config.json, metrics.csv (:class:`LayerMeter`'s rows) and
     checkpoint.pt after every layer, gram/layer_XXX.npz (the Figure 2 Gram of a
     class-balanced subset of ≤ 500 training points at a few layers), figures/ and
-    summary.json at the end.
+    summary.json at the end; a Nyström run also centers.npy (the centers' global row
+    indices). config.json records the solver that ran, the world size and the backend.
 
     Settings left None take :data:`RFM_DEFAULTS` (digits, depth 10, bandwidth 2, width 512,
-    ridgeless, Gaussian features, standardized inputs, seed 0, device and dtype "auto");
-    ``standardize=False`` runs Algorithm 1 as printed (rows only normalized).
+    ridgeless, Gaussian features, standardized inputs, seed 0, solver "auto", device and dtype
+    "auto"); ``standardize=False`` runs Algorithm 1 as printed (rows only normalized).
+    ``solver``, ``centers``, ``nystrom_ridge``, ``agop_points``: as
+    :class:`agop.models.deep_rfm.DeepRFM` ("auto": the exact solver where it fits, which is
+    today's behaviour for small data).
+
+    Data-parallel under ``torchrun`` (``torch.distributed`` environment set): every rank joins
+    the process group (:func:`agop.distributed.session`: gloo on CPUs, NCCL on GPUs), the ranks
+    check that they were given the same settings (``data_dir`` may differ between machines),
+    each loads only its rows of the training and test points, and rank 0 alone creates and
+    writes the run folder (its path is rank 0's) and reads it on resume. A bad input is
+    refused on every rank before any work; a rank that fails later leaves the group, and the
+    others fail at their next collective instead of waiting.
 
     ``resume=DIR`` continues an interrupted run from its last finished layer and ends with
-    exactly the numbers of an uninterrupted run (times aside). Settings passed with a resume
-    must equal the run's, except ``data_dir`` and ``device`` (a run continued on another
-    device than it started on warns and records the new one: its numbers then differ by
-    rounding).
+    exactly the numbers of an uninterrupted run (times aside), with the same number of
+    processes as it started with. Settings passed with a resume must equal the run's, except
+    ``data_dir`` and ``device`` (a run continued on another device than it started on warns
+    and records the new one: its numbers then differ by rounding).
 
     Returns
     -------
-    agop.experiments.records.RunDir
-        The run folder.
+    agop.experiments.records.RunDir or None
+        The run folder (None on the ranks other than 0 of a distributed run).
     """
     given = dict(dataset=dataset, n=n, test_n=test_n, depth=depth, bandwidth=bandwidth,
                  width=width, ridge=ridge, features=features, standardize=standardize,
-                 seed=seed, device=device, dtype=dtype,
+                 seed=seed, solver=solver, centers=centers, nystrom_ridge=nystrom_ridge,
+                 agop_points=agop_points, device=device, dtype=dtype,
                  data_dir=None if data_dir is None else str(data_dir))
-    start = start_run("rfm", RFM_DEFAULTS, given, out=out, resume=resume, free=_FREE_ON_RESUME)
+    started = time.perf_counter()
+    refused: BaseException | None = None
+    # the group's device, by one rule on every rank before anything is read: the backend
+    # (gloo, NCCL) depends on it
+    where = device if device is not None else RFM_DEFAULTS["device"]
+    if distributed.launched_by_torchrun():
+        group = distributed.session(where)
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        group = contextlib.nullcontext(_callers_group(where))  # a group the caller made
+    else:
+        group = contextlib.nullcontext(distributed.local())
+    with group as comm:
+        try:
+            with warnings.catch_warnings():
+                if not comm.is_root:  # rank 0 says it once
+                    warnings.simplefilter("ignore")
+                plan = _prepare(comm, given, out, resume)
+                return _execute(comm, plan, progress=progress and comm.is_root, pdf=pdf,
+                                started=started)
+        except Refused as exc:  # raised on every rank alike: leave the group cleanly, then raise
+            refused = exc.error
+    raise refused
+
+
+def _callers_group(device: str) -> Any:
+    """The default process group a caller made without torchrun's environment, as a Comm
+    computing on ``device`` (CUDA: the current device, as NCCL uses it)."""
+    comm = distributed.current()
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    comm.device = dev
+    return comm
+
+
+class _Plan:
+    """A bag of named values: what :func:`_prepare` decided (the start, the model, the device,
+    the data) and this rank's data."""
+
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+
+def _prepare(comm: Any, given: dict[str, Any], out: Any, resume: Any) -> _Plan:
+    """Everything before the first layer; every error is :class:`Refused` on every rank."""
+    grouped = comm.enabled  # in a process group (torchrun), even of one process
+    if comm.world > 1:
+        same = {k: v for k, v in given.items() if k != "data_dir"}  # roots differ by machine
+        same.update(out=None if out is None else str(out),
+                    resume=None if resume is None else str(resume))
+        try:
+            comm.agree(same, "settings")
+        except ValueError as exc:
+            raise Refused(exc) from None
+
+    def open_run():
+        start = start_run("rfm", RFM_DEFAULTS, given, out=out, resume=resume,
+                          free=_FREE_ON_RESUME)
+        _check_settings(start.settings)
+        if start.resumed:
+            ran = int(start.run.config.get("world_size", 1))
+            if ran != comm.world:
+                raise ValueError(f"{start.run.path} ran on {ran} process(es) but this resume has "
+                                 f"{comm.world}; resume it with the same number of processes "
+                                 f"(torchrun --nproc-per-node / --nnodes), which gives the "
+                                 f"numbers of an uninterrupted run")
+            stored = start.settings["device"]
+            if (grouped and given["device"] is None
+                    and resolve_device(stored).type != comm.device.type):
+                raise ValueError(f"{start.run.path} ran with device {stored!r}; resume it with "
+                                 f"--device {stored} (or name the device to continue on)")
+        return start
+
+    start = on_root(comm, open_run)
+    if not comm.is_root:
+        start.run = None  # rank 0 alone touches the run folder
     s = start.settings
-    for key in ("n", "test_n"):
-        if s[key] is not None:
-            check_int(s[key], key, minimum=0 if key == "test_n" else 2)
+    dev = comm.device if grouped else resolve_device(s["device"])
     model = DeepRFM(depth=s["depth"], bandwidth=s["bandwidth"], width=s["width"],
                     ridge=s["ridge"], features=s["features"], standardize=s["standardize"],
-                    seed=s["seed"], device=s["device"], dtype=s["dtype"])
-    dev = resolve_device(s["device"])
-    record_device(start, dev)
-    started = time.perf_counter()
+                    seed=s["seed"], device=str(dev) if grouped else s["device"],
+                    dtype=s["dtype"], solver=s["solver"], centers=s["centers"],
+                    nystrom_ridge=s["nystrom_ridge"], agop_points=s["agop_points"])
+    fresh = start.checkpoint is None
+
+    def load():
+        shard = train = test = None
+        if comm.world > 1:
+            shard = load_shard(s["dataset"], s["n"], s["test_n"], s["data_dir"],
+                               test_cap=TEST_N_DEFAULT, rank=comm.rank, world=comm.world)
+            N, n_test, labels = shard.n_train, shard.n_test, shard.labels
+            dim = int(shard.train.X.shape[1])
+        elif fresh:
+            train, test = load_data(s["dataset"], s["n"], s["test_n"], s["data_dir"],
+                                    test_cap=TEST_N_DEFAULT)
+            N, n_test, labels = len(train), 0 if test is None else len(test), train.y
+            dim = int(train.X.shape[1])
+        else:  # one process: the checkpoint holds the features; no data is read
+            return _Plan(shard=None, train=None, test=None)
+        K = len(np.unique(labels))
+        if fresh:
+            _check_sizes(s, N, K)
+            model.check_memory(N, dim, K, n_test, world=comm.world)  # before the run folder
+        elif N != int(start.checkpoint["model"].get("n_total", N)):
+            raise ValueError(f"the run was fitted on {int(start.checkpoint['model']['n_total'])} "
+                             f"training points but the data now gives {N}; check --data-dir")
+        return _Plan(shard=shard, train=train, test=test, N=N, n_test=n_test, dim=dim)
+
+    data = checked(comm, load)
+    if comm.world > 1:
+        data.train, data.test = data.shard.train, data.shard.test
+    return _Plan(start=start, model=model, dev=dev, fresh=fresh, data=data, grouped=grouped)
+
+
+def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: float) -> Any:
+    """Fit and measure layer by layer, recording on rank 0 (see :func:`run_rfm`)."""
+    start, model, dev, data = plan.start, plan.model, plan.dev, plan.data
+    root = comm.is_root
+    train, test = data.train, data.test
+    if root:
+        record_device(start, dev, stacklevel=4)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    if start.checkpoint is None:
-        train, test = load_data(s["dataset"], s["n"], s["test_n"], s["data_dir"],
-                                test_cap=TEST_N_DEFAULT)
-        n_test = 0 if test is None else len(test)
-        dim = int(train.X.shape[1])
-        model.check_memory(len(train), dim, len(np.unique(train.y)), n_test)
+    if plan.fresh:
         steps = model.fit_iter(train.X, train.y)
         meter = LayerMeter.for_model(model, None if test is None else test.X,
                                      None if test is None else test.y)
-        run = start.create()  # only now: bad settings or data leave no folder behind
-        write_config(run, device=model.device_, dtype=dtype_name(model.dtype_),
-                     data=data_config(train, test, model.classes_),
-                     memory_needed_bytes=model.memory_needed(len(train), dim,
-                                                             len(model.classes_), n_test),
-                     gram={"layers": gram_layers(model.depth),
-                           "points_per_class": max(1, GRAM_POINTS // len(model.classes_))})
+
+        def create():  # only now: bad settings or data leave no folder behind
+            run = start.create()
+            n_test = data.n_test
+            write_config(run, device=model.device_, dtype=dtype_name(model.dtype_),
+                         data=data_config(train, test, model.classes_, n_train=data.N,
+                                          n_test=n_test),
+                         memory_needed_bytes=model.memory_needed(
+                             data.N, data.dim, len(model.classes_), n_test,
+                             solver=model.solver_, world=comm.world),
+                         gram={"layers": gram_layers(model.depth),
+                               "points_per_class": max(1, GRAM_POINTS // len(model.classes_))},
+                         **_parallel_config(comm, model))
+            if model.centers_ is not None:
+                _save_centers(run, model.centers_)
+            return run
+
+        run = on_root(comm, create)
         rows: list[dict[str, Any]] = []
     else:
         run = start.run
-        model, meter, rows = _restore(start.checkpoint, s["device"])
-        steps = model.resume_iter()
-    data = run.config["data"]
-    title = f"{data['name']}, N = {data['train']:,}"
+        if comm.world == 1:
+            model, meter, rows = _restore(start.checkpoint, str(dev) if plan.grouped
+                                          else start.settings["device"])
+            steps = model.resume_iter()
+        else:  # the checkpoint holds no per-rank features: replay the layers on this rank's rows
+            ckpt = start.checkpoint
+            model = DeepRFM.from_state_dict(ckpt["model"], device=str(dev))
+            rows = [dict(r) for r in ckpt["rows"]]
+            meter = LayerMeter(len(model.classes_))
+            meter.world = comm.world
+            if test is not None and model.layers_done_ <= model.depth:
+                meter.test = model.features_after(test.X, model.layers_done_)
+                meter.y_test = torch.as_tensor(class_indices(model.classes_, test.y),
+                                               device=model.device_)
+            steps = model.resume_iter(train.X)
+    if not root:
+        run = None
     K = len(model.classes_)
     keep = set(gram_layers(model.depth))
+    if comm.world > 1:  # the Gram subset's global rows, gathered to every rank at its layers
+        labels = class_indices(model.classes_, data.shard.labels)
+        subset = gram_subset(labels, K)
+        row_start = data.shard.rows[0]
 
     def on_step(step: LayerStep) -> dict[str, str]:
         new = meter(step)
         rows.extend(new)
         if step.layer in keep:
-            y = to_numpy(step.y)  # class indices of the training points
-            subset = gram_subset(y, K)
-            idx = torch.as_tensor(subset, device=step.inputs.device)
-            _save_gram(run, step.layer, step.inputs[idx], y[subset])
-        run.write_metrics(rows, _metric_columns(rows))
-        run.save_checkpoint({"model": model.state_dict(), "measure": meter.state_dict(),
-                             "rows": rows})  # after the records it matches
+            if comm.world == 1:
+                y = to_numpy(step.y)  # class indices of the training points
+                sub = gram_subset(y, K)
+                idx = torch.as_tensor(sub, device=step.inputs.device)
+                _save_gram(run, step.layer, step.inputs[idx], y[sub])
+            else:
+                from agop.nystrom import gather_rows
+
+                H = gather_rows(step.inputs, subset, row_start, comm)  # a collective
+                if root:
+                    _save_gram(run, step.layer, H, labels[subset])
+        if root:
+            run.write_metrics(rows, _metric_columns(rows))
+            run.save_checkpoint({"model": model.state_dict(), "measure": meter.state_dict(),
+                                 "rows": rows})  # after the records it matches
         return {"nc1": f"{new[0]['nc1']:.3g}"}
 
     checkpoint_loop(steps, on_step, total=model.depth + 1, initial=model.layers_done_,
                     progress=progress, desc="agop rfm", unit="layer")
+    if not root:
+        return None
 
-    _figures(run, rows, data["class_names"], title, pdf)
+    data_info = run.config["data"]
+    title = f"{data_info['name']}, N = {data_info['train']:,}"
+    _figures(run, rows, data_info["class_names"], title, pdf)
     summary = summarize(rows, load_grams(run.path), K)
     summary["wall_seconds"] = time.perf_counter() - started  # this invocation, data loading included
     if model.device_.type == "cuda":
         summary["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(model.device_))
     run.write_summary(summary)
     return run
+
+
+def _parallel_config(comm: Any, model: DeepRFM) -> dict[str, Any]:
+    """config.json's record of how the run was computed: solver, processes, backend, centers."""
+    out: dict[str, Any] = {"solver": model.solver_, "world_size": comm.world,
+                           "backend": comm.backend}
+    if model.centers_ is not None:
+        out["centers"] = {"count": int(len(model.centers_)), "file": CENTERS_FILE}
+    return out
+
+
+def _save_centers(run: Any, centers: np.ndarray) -> None:
+    import io
+
+    from agop.experiments.records import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(centers, dtype=np.int64), allow_pickle=False)
+    atomic_write_bytes(run.path / CENTERS_FILE, buf.getvalue())
+
+
+def load_centers(path: Any) -> np.ndarray | None:
+    """The global row indices of a Nyström run's centers (centers.npy), else None."""
+    from pathlib import Path
+
+    f = Path(path) / CENTERS_FILE
+    return np.load(f, allow_pickle=False) if f.exists() else None

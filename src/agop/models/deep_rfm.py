@@ -694,7 +694,8 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     def _check_X(self, X: Any, name: str, *, reset: bool) -> Any:
         """X validated as an n × d finite real matrix: a tensor stays as is (on its device);
         anything else goes through scikit-learn's ``validate_data`` (feature names, dtypes)."""
-        min_rows = 2 if reset else 1
+        # a distributed fit needs 2 rows in all (checked on the gathered labels), not per rank
+        min_rows = 2 if reset and current().world == 1 else 1
         try:
             shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
         except TypeError:  # an array-like that refuses numpy's functions: convert it
