@@ -120,27 +120,39 @@ def kernel_agop(kernel: RadialKernel, centers: torch.Tensor, coef: torch.Tensor,
                 try_float32: bool = True) -> torch.Tensor:
     """AGOP of f(x) = Σⱼ coef_j k(x, c_j) over ``points`` (default: the centers, self terms dropped).
 
-    Args:
-        kernel: a radial kernel (:class:`agop.kernels.LaplaceKernel` / ``GaussianKernel``).
-        centers: C, N × D.
-        coef: α, N × K (or N).
-        points: P, n × D; ``None`` means P = C, with the non-differentiable term j = i of each
-            point excluded by index. Passing the centers tensor itself also counts as P = C.
-        method: ``"auto"`` (cheaper by :func:`agop_cost`), ``"direct"`` or ``"gram"``.
-        chunk_rows: rows of P per chunk (default: planned from free memory).
-        groups: index tensors partitioning the centers (e.g. by class): distances to each
-            group are computed about its mean, which keeps float32 weights accurate once the
-            groups have collapsed (:func:`agop.kernels.pairwise_distances`).
-        info: a dict to fill with what was done: ``method``, ``precision`` (the dtype the
-            products ran in) and, for the gram form, ``error_estimate`` (:func:`_agop_gram`).
-        distances: the N × N distances between the centers (self-distances 0), e.g. kept from
-            building the kernel matrix; the gram form then does not recompute them.
-        try_float32: with float32 inputs, try the gram form in float32 first (default). False
-            goes straight to its float64 / direct fallback, which gives the same numbers as a
-            rejected float32 try (a caller that saw a fallback can skip the wasted try).
+    Parameters
+    ----------
+    kernel
+        a radial kernel (:class:`agop.kernels.LaplaceKernel` / ``GaussianKernel``).
+    centers
+        C, N × D.
+    coef
+        α, N × K (or N).
+    points
+        P, n × D; ``None`` means P = C, with the non-differentiable term j = i of each
+        point excluded by index. Passing the centers tensor itself also counts as P = C.
+    method
+        ``"auto"`` (cheaper by :func:`agop_cost`), ``"direct"`` or ``"gram"``.
+    chunk_rows
+        rows of P per chunk (default: planned from free memory).
+    groups
+        index tensors partitioning the centers (e.g. by class): distances to each
+        group are computed about its mean, which keeps float32 weights accurate once the
+        groups have collapsed (:func:`agop.kernels.pairwise_distances`).
+    info
+        a dict to fill with what was done: ``method``, ``precision`` (the dtype the
+        products ran in) and, for the gram form, ``error_estimate`` (:func:`_agop_gram`).
+    distances
+        the N × N distances between the centers (self-distances 0), e.g. kept from
+        building the kernel matrix; the gram form then does not recompute them.
+    try_float32
+        with float32 inputs, try the gram form in float32 first (default). False
+        goes straight to its float64 / direct fallback, which gives the same numbers as a
+        rejected float32 try (a caller that saw a fallback can skip the wasted try).
 
-    Returns:
-        M, D × D, (1/n) Σᵢ Σ_k ∇f_k(pᵢ) ∇f_k(pᵢ)ᵀ, in the dtype and on the device of ``centers``.
+    Returns
+    -------
+    M, D × D, (1/n) Σᵢ Σ_k ∇f_k(pᵢ) ∇f_k(pᵢ)ᵀ, in the dtype and on the device of ``centers``.
     """
     coef = _check(centers, coef, points)
     same = points is None or points is centers
@@ -364,15 +376,20 @@ def model_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, *,
     The Jacobians are computed in X's dtype (pass float64 X for a float64 reference); their
     outer products are accumulated in float64.
 
-    Args:
-        fn: maps a batch B × D (or B × d₁ × …) to outputs B × K (or B); each sample's outputs
-            must depend on that sample only (no batch-coupling layers such as BatchNorm in
-            training mode).
-        X: inputs, N × D (or N × d₁ × …); Jacobians are taken w.r.t. the flattened input.
-        batch_size: samples per vmap'd Jacobian batch (default: planned from free memory).
+    Parameters
+    ----------
+    fn
+        maps a batch B × D (or B × d₁ × …) to outputs B × K (or B); each sample's outputs
+        must depend on that sample only (no batch-coupling layers such as BatchNorm in
+        training mode).
+    X
+        inputs, N × D (or N × d₁ × …); Jacobians are taken w.r.t. the flattened input.
+    batch_size
+        samples per vmap'd Jacobian batch (default: planned from free memory).
 
-    Returns:
-        D × D float64 tensor on X's device, D = number of input features per sample.
+    Returns
+    -------
+    D × D float64 tensor on X's device, D = number of input features per sample.
     """
     if X.ndim < 2 or X.shape[0] < 1:
         raise ValueError(f"X must have a leading sample dimension N ≥ 1; got shape {tuple(X.shape)}")

@@ -501,7 +501,9 @@ _READERS = {"mnist": (_idx_source, _count_idx), "fashion-mnist": (_idx_source, _
 
 
 # ----------------------------------------------------------------------------- load
-def _canonical_name(name) -> str:
+def canonical_name(name) -> str:
+    """The registry key of a dataset name (case, surrounding spaces and "_"/"-" ignored);
+    ``ValueError`` naming the known datasets otherwise."""
     if isinstance(name, str):
         key = name.strip().lower().replace("_", "-")
         if key in DATASETS:
@@ -592,7 +594,7 @@ def _open(name, split, n, root, balanced, download, rows, need_pixels):
     split, the sorted global indices selected, pixels(idx))."""
     from agop._validate import check_int  # here, not at import: it loads torch (slow CLI start)
 
-    info = DATASETS[_canonical_name(name)]
+    info = DATASETS[canonical_name(name)]
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
     if n is not None:
@@ -726,7 +728,7 @@ def count(name: str, split: str = "train", root: str | os.PathLike | None = None
 
     Same ``name``/``root`` rules as :func:`load`; a corrupt file raises ``ValueError``.
     """
-    info = DATASETS[_canonical_name(name)]
+    info = DATASETS[canonical_name(name)]
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
     if info.folder is None:

@@ -11,8 +11,8 @@ least-squares problem
     min_α ‖A α − b‖²,   A = [K_NC; √λ R_CC]  ((N + M) × M),   b = [Y; 0].
 
 **Why not the normal equations.** Forming AᵀA = K_NCᵀK_NC + λK_CC squares the condition
-number: the error of α is about ε·κ(A)² instead of ε·κ(A) (issue 11 reports the collapse lost
-from layer 2 on that way). Here the upper triangular factor of the augmented matrix [A b] is
+number: the error of α is about ε·κ(A)² instead of ε·κ(A) (a prototype that did so lost Deep RFM's
+collapse from layer 2 on). Here the upper triangular factor of the augmented matrix [A b] is
 computed by Householder QR in float64, which is backward stable:
 
     [A b] = Q [R z; 0 ρ],   α = R⁻¹z,   ‖Aα − b‖² = ‖ρ‖_F²   (R: M × M, z: M × K, ρ: K × K).

@@ -57,17 +57,25 @@ def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
                  max_tries: int = 8, fallback_float64: bool = True) -> KernelRidgeResult:
     """Solve (K + μI) α = Y by Cholesky, retrying with a jitter if the factorization fails.
 
-    Args:
-        Kmat: symmetric positive (semi-)definite kernel matrix, N × N.
-        Y: targets, N × K (or N, treated as N × 1).
-        ridge: μ ≥ 0; 0 is ridgeless interpolation (the paper).
-        max_tries: number of jitter levels tried: ε·mean(diag K)·10^t for t = 0..max_tries−1,
-            with ε the machine epsilon of the dtype in use.
-        fallback_float64: when a float32 factorization fails, retry in float64 before adding
-            any jitter.
+    Parameters
+    ----------
+    Kmat
+        symmetric positive (semi-)definite kernel matrix, N × N.
+    Y
+        targets, N × K (or N, treated as N × 1).
+    ridge
+        μ ≥ 0; 0 is ridgeless interpolation (the paper).
+    max_tries
+        number of jitter levels tried: ε·mean(diag K)·10^t for t = 0..max_tries−1,
+        with ε the machine epsilon of the dtype in use.
+    fallback_float64
+        when a float32 factorization fails, retry in float64 before adding
+        any jitter.
 
-    Raises:
-        ValueError: on non-square / mismatched / non-finite input, or if every try failed.
+    Raises
+    ------
+    ValueError
+        on non-square / mismatched / non-finite input, or if every try failed.
     """
     if Kmat.ndim != 2 or Kmat.shape[0] != Kmat.shape[1]:
         raise ValueError(f"Kmat must be a square N × N matrix; got shape {tuple(Kmat.shape)}")

@@ -102,7 +102,7 @@ def plan(scale: str = "quick", datasets: Sequence[str] | None = None,
         names = []
         for name in datasets:
             try:
-                key = ds._canonical_name(name)
+                key = ds.canonical_name(name)
             except ValueError as exc:
                 raise ValueError(f"{exc} (in --datasets)") from None
             if key not in names:
