@@ -246,3 +246,25 @@ def test_cli_help_defaults_match_run_rfm():
             assert name in RFM_DEFAULTS or name == "pdf", name
         if name in ("depth", "bandwidth", "width", "seed"):
             assert f"default: {RFM_DEFAULTS[name]}" in helps[name], name
+
+
+def test_summary_text_prints_undefined_numbers_as_na():
+    """A run whose NC1 does not fall has no shares of the reduction (None/NaN in the summary):
+    the terminal summary says n/a instead of failing."""
+    from agop.experiments.rfm import summary_text
+
+    s = {"depth": 1, "nc1_first_input": 0.5, "nc1_last_input": 0.7, "nc1_reduction": 0.714,
+         "share_agop": None, "share_features": float("nan"), "share_normalize": None,
+         "layers_agop_below_input": 0, "layers_features_not_below_agop": 1,
+         "nc2_first_input": 0.1, "nc2_last_input": None, "final_train_acc": 1.0,
+         "final_test_acc": None, "layer_seconds": 0.1, "metric_seconds": 0.0, "fallbacks": []}
+    text = summary_text(s)
+    assert "agop n/a, features n/a, normalization n/a" in text
+    assert "NC2: 0.1 -> n/a" in text and "x0.714 smaller" in text
+
+
+def test_rfm_that_does_not_collapse_ends_with_a_summary(tmp_path, capsys):
+    """Tiny bandwidth: NC1 does not fall; the command still ends with its summary, rc 0."""
+    assert main(["rfm", "--bandwidth", "0.05", "--depth", "1", "--n", "300", "--width", "16",
+                 "--test-n", "0", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert "n/a" in capsys.readouterr().out

@@ -199,19 +199,30 @@ def summarize(rows: list[dict[str, Any]], grams: list[tuple[int, np.ndarray, np.
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    """A few lines for the terminal from :func:`summarize`'s dict."""
+    """A few lines for the terminal from :func:`summarize`'s dict.
+
+    A number that is undefined (None or NaN in the summary: e.g. shares of a reduction when NC1
+    did not fall, or a metric that is undefined at some layer) prints as "n/a", never fails.
+    """
     s = summary
+
+    def f(key: str, spec: str) -> str:
+        v = s.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return format(v, spec) if ok else "n/a"
+
     lines = [
-        f"NC1 of the layer input: {s['nc1_first_input']:.3g} (layer 1) -> "
-        f"{s['nc1_last_input']:.3g} (layer {s['depth'] + 1}), x{s['nc1_reduction']:.3g} smaller",
-        f"share of the log-NC1 reduction: agop {s['share_agop']:+.2f}, features "
-        f"{s['share_features']:+.2f}, normalization {s['share_normalize']:+.2f}",
+        f"NC1 of the layer input: {f('nc1_first_input', '.3g')} (layer 1) -> "
+        f"{f('nc1_last_input', '.3g')} (layer {s['depth'] + 1}), "
+        f"x{f('nc1_reduction', '.3g')} smaller",
+        f"share of the log-NC1 reduction: agop {f('share_agop', '+.2f')}, features "
+        f"{f('share_features', '+.2f')}, normalization {f('share_normalize', '+.2f')}",
         f"agop stage below input in {s['layers_agop_below_input']}/{s['depth']} layers; "
         f"features stage not below agop in {s['layers_features_not_below_agop']}/{s['depth']}",
-        f"NC2: {s['nc2_first_input']:.3g} -> {s['nc2_last_input']:.3g}",
-        f"final train accuracy {s['final_train_acc']:.4f}"
-        + ("" if s["final_test_acc"] is None else f", test accuracy {s['final_test_acc']:.4f}"),
-        f"{s['layer_seconds']:.1f} s in the layers, {s['metric_seconds']:.1f} s in metrics",
+        f"NC2: {f('nc2_first_input', '.3g')} -> {f('nc2_last_input', '.3g')}",
+        f"final train accuracy {f('final_train_acc', '.4f')}"
+        + ("" if s["final_test_acc"] is None else f", test accuracy {f('final_test_acc', '.4f')}"),
+        f"{f('layer_seconds', '.1f')} s in the layers, {f('metric_seconds', '.1f')} s in metrics",
     ]
     if "gram_last" in s:
         g = s["gram_last"]
