@@ -833,15 +833,19 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             N, start, y_idx = self._gather_labels(comm, X, y)
         d, K = self.n_features_in_, len(self.classes_)
         solver = self._resolve_solver(N, d, K, comm.world)
-        self.device_, self.dtype_, self.kernel_ = v.device, v.dtype, v.kernel
-        self.check_memory(N, d, K, solver=solver, world=comm.world)
-        self.solver_, self.n_total_ = solver, N
-        self.centers_ = None
-        if solver == "nystrom":
+        centers = None
+        if solver == "nystrom":  # sizes first: a clearer error than the memory plan's
             M = min(N, DEFAULT_CENTERS) if self.centers is None else int(self.centers)
             if M > N:
                 raise ValueError(f"centers = {M} but there are only N = {N} training points")
-            self.centers_ = select_centers(y_idx, M, int(self.seed))
+            if self.agop_points is not None and int(self.agop_points) > N:
+                raise ValueError(f"agop_points = {self.agop_points} but there are only N = {N} "
+                                 "training points")
+            centers = select_centers(y_idx, M, int(self.seed))
+        self.device_, self.dtype_, self.kernel_ = v.device, v.dtype, v.kernel
+        self._check_memory_everywhere(comm, N, d, K, solver)
+        self.solver_, self.n_total_ = solver, N
+        self.centers_ = centers
 
         if self.standardize:
             X64 = _float64(X)
@@ -867,12 +871,32 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         self._groups = class_groups(self._y, len(self.classes_))
         return self._run()
 
+    def _check_memory_everywhere(self, comm: Comm, N: int, d: int, K: int, solver: str) -> None:
+        """:meth:`check_memory` on every rank, and one verdict: if any rank's plan does not
+        fit, every rank raises (a rank alone leaving would strand the others in a collective)."""
+        err = None
+        try:
+            self.check_memory(N, d, K, solver=solver, world=comm.world)
+        except MemoryError as e:
+            err = e
+        if comm.world > 1:
+            failed = comm.all_reduce_sum(torch.tensor([float(err is not None)], dtype=torch.float64))
+            if err is None and float(failed[0]) > 0:
+                raise MemoryError("another process's memory plan for this fit does not fit (its "
+                                  "error names the size); use fewer centers or more processes")
+        if err is not None:
+            raise err
+
     def _gather_labels(self, comm: Comm, X: Any, y: Any) -> tuple[int, int, np.ndarray]:
         """Distributed fit: every rank's labels, checked against the row blocks of
         :func:`agop.distributed.row_range`; returns (N, this rank's first row, all N label
         indices) and sets ``classes_`` from all labels."""
         from sklearn.utils.validation import column_or_1d
 
+        # first collective: every rank must fit the same model (else different W, or one rank
+        # in a collective the others skip)
+        comm.agree({k: str(v) if k in ("device", "dtype") else v
+                    for k, v in sorted(self.get_params().items())}, "the DeepRFM parameters")
         y = column_or_1d(to_numpy(y), warn=True)
         if y.shape[0] != X.shape[0]:
             raise ValueError(f"y has {y.shape[0]} label(s) but X has {X.shape[0]} row(s); they "
@@ -923,7 +947,13 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
                 raise ValueError("nothing to resume: this DeepRFM holds no fit in progress "
                                  "(a distributed checkpoint needs the training rows: "
                                  "resume_iter(X))")
-            comm = self._comm
+            comm = self._comm = current()
+            saved = getattr(self, "_world_saved", comm.world)
+            if comm.world != saved:
+                raise ValueError(f"this fit was checkpointed with {saved} process(es) and is "
+                                 f"resumed with {comm.world}; resume it with {saved}")
+            if not hasattr(X, "shape"):
+                X = np.asarray(X)
             if comm.world > 1:
                 a, b = row_range(self.n_total_, comm.rank, comm.world)
             else:
@@ -1135,6 +1165,7 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
             "centers_": array(self.centers_),
             "y_all": array(self._y_all),
             "n_total": int(self.n_total_),
+            "world": int(self._comm.world),
         }
 
     @classmethod
@@ -1198,6 +1229,7 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         model._y_all = (y_all.numpy() if y_all is not None
                         else state["y"].numpy().astype(np.int64))
         model.n_total_ = int(state.get("n_total", len(model._y_all)))
+        model._world_saved = int(state.get("world", 1))
         model.coef_ = put(state["coef"])
         model.X_fit_ = put(state["X_fit"])
         y_fit = state.get("y_fit")
