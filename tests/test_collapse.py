@@ -338,20 +338,27 @@ def exact_nc1_and_cdnv(H, y, K):
     return float(sum(ss) / N / tr_b), float(sum(pairs) / len(pairs))
 
 
+def _nearly_collapsed(rng):
+    """Spread 1e-7 around 3 class means of norm 1e3 in 4 dimensions (NC1 ~ 1e-20), classes of
+    9, 14 and 7 points: (H, y, K)."""
+    K, D = 3, 4
+    y = labels_from_counts([9, 14, 7], rng)
+    means = rng.normal(size=(K, D))
+    means *= 1e3 / np.linalg.norm(means, axis=1, keepdims=True)
+    return means[y] + 1e-7 * rng.normal(size=(len(y), D)), y, K
+
+
 def test_tiny_nc1_is_accurate_in_memory_and_streaming():
     # Within-class noise 1e-7 around means of norm ~1e3: NC1 ~ 1e-20. Raw sums of squares
     # lose every digit here; the two-pass and shifted Chan merges must not.
     rng = np.random.default_rng(15)
-    K, D, counts = 3, 4, [9, 14, 7]
-    y = labels_from_counts(counts, rng)
-    means = rng.normal(size=(K, D))
-    means *= 1e3 / np.linalg.norm(means, axis=1, keepdims=True)
-    H = means[y] + 1e-7 * rng.normal(size=(len(y), D))
+    H, y, K = _nearly_collapsed(rng)
     nc1_exact, cdnv_exact = exact_nc1_and_cdnv(H, y, K)
 
     class_means = np.stack([H[y == c].mean(0) for c in range(K)])
     tr_b = np.sum((class_means - class_means.mean(0)) ** 2) / K
-    raw_tr_w = (np.sum(H**2) - np.sum(np.array(counts)[:, None] * class_means**2)) / len(y)
+    counts = np.bincount(y, minlength=K)
+    raw_tr_w = (np.sum(H**2) - np.sum(counts[:, None] * class_means**2)) / len(y)
     raw_nc1 = raw_tr_w / tr_b
     assert abs(raw_nc1 / nc1_exact - 1) > 1e-3  # the naive formula really fails here
 
@@ -359,7 +366,7 @@ def test_tiny_nc1_is_accurate_in_memory_and_streaming():
     assert m["nc1"] == pytest.approx(nc1_exact, rel=1e-10)
     assert m["cdnv"] == pytest.approx(cdnv_exact, rel=1e-10)
     for cuts in ([1, 2, 3, 5, 8, 13, 21], [15], list(range(1, 30))):
-        acc = CollapseAccumulator(K, D)
+        acc = CollapseAccumulator(K, H.shape[1])
         for a, b in zip([0, *cuts], [*cuts, len(y)]):
             acc.update(H[a:b], y[a:b])
         streamed = acc.compute()
@@ -522,11 +529,7 @@ def test_merge_keeps_a_tiny_nc1_exact():
     # Spread 1e-7 around means of norm 1e3 (NC1 ~ 1e-20), split over three accumulators whose
     # shifts differ: the merge must work relative to the shifts, as update does.
     rng = np.random.default_rng(21)
-    K, D, counts = 3, 4, [9, 14, 7]
-    y = labels_from_counts(counts, rng)
-    means = rng.normal(size=(K, D))
-    means *= 1e3 / np.linalg.norm(means, axis=1, keepdims=True)
-    H = means[y] + 1e-7 * rng.normal(size=(len(y), D))
+    H, y, K = _nearly_collapsed(rng)
     nc1_exact, cdnv_exact = exact_nc1_and_cdnv(H, y, K)
     part = rng.integers(0, 3, size=len(y))
     accs = [fed(H, y, K, [np.flatnonzero(part == r)]) for r in range(3)]

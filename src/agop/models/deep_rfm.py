@@ -1342,11 +1342,7 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         if layer > self.depth + 1:
             raise ValueError(f"layer must be in 1..{self.depth + 1}; got {layer}")
         with strict_fp32():
-            H = self.preprocess(X)
-            for j in range(layer - 1):
-                H = apply_layer(normalize_rows(H, f"layer {j + 1} features"),
-                                self.sqrt_agops_[j], self.weights_[j])[1]
-            return normalize_rows(H, f"layer {layer} features")
+            return normalize_rows(self.features_after(X, layer - 1), f"layer {layer} features")
 
     def decision_function(self, X: Any) -> Any:
         """f_{L+1}(X): the outputs of the final kernel machine (±1 one-hot targets).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from agop._validate import finite_positive, metric_float
+from agop._validate import metric_float
 from agop.experiments.mlp import headline as mlp_headline
 from agop.experiments.records import CONFIG, FIGURES, RunDir, read_csv, read_json
 from agop.experiments.rfm import gram_summary, load_grams
