@@ -201,14 +201,8 @@ def load_data(dataset: str, n: int | None = None, test_n: int | None = None,
     from agop import datasets
 
     train = datasets.load(dataset, "train", n=n, root=data_dir)
-    if test_n == 0:
-        return train, None
-    if test_n is None:
-        have = datasets.count(dataset, "test", data_dir)  # from the headers: no pixels read
-        if have is None:
-            return train, None
-        test_n = have if test_cap is None else min(test_cap, have)
-    return train, datasets.load(dataset, "test", n=test_n, root=data_dir)
+    n_test = test_size(dataset, test_n, data_dir, test_cap=test_cap)
+    return train, (datasets.load(dataset, "test", n=n_test, root=data_dir) if n_test else None)
 
 
 def test_size(dataset: str, test_n: int | None, data_dir: str | os.PathLike | None = None, *,
