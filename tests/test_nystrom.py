@@ -3,6 +3,7 @@ solve, autograd, and a multi-rank split simulated with threads."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -61,13 +62,18 @@ def test_select_centers_bad_input(M, match):
 
 
 # ----------------------------------------------------------------------------- the solve
+SOLVE = ["cgls", "tsqr"]
+
+
+@pytest.mark.parametrize("solver", SOLVE)
 @pytest.mark.parametrize("kernel", [LaplaceKernel(2.0), GaussianKernel(1.0)], ids=repr)
-def test_all_points_as_centers_with_tiny_ridge_is_the_exact_solver(kernel):
+def test_all_points_as_centers_with_tiny_ridge_is_the_exact_solver(kernel, solver):
     X, y = _data()
     N = len(y)
     Y = signed_one_hot(torch.as_tensor(y), 3, torch.float64)
     exact = kernel_ridge(kernel(X), Y, 0.0)
-    fit = ny.fit_nystrom(X, y, np.arange(N), kernel, ridge=1e-14)
+    fit = ny.fit_nystrom(X, y, np.arange(N), kernel, ridge=1e-14, solver=solver)
+    assert fit.solver == solver
     assert _rel(fit.coef, exact.coef) < 1e-8
     assert _rel(fit.fitted, exact.fitted()) < 1e-9
     assert fit.residual < 1e-9 and fit.trusted
@@ -75,13 +81,15 @@ def test_all_points_as_centers_with_tiny_ridge_is_the_exact_solver(kernel):
     assert _rel(fit.agop, kernel_agop(kernel, X, exact.coef)) < 1e-8
 
 
+@pytest.mark.parametrize("solver", SOLVE)
 @pytest.mark.parametrize("ridge", [1e-2, 1e-6, 0.0])
 @pytest.mark.parametrize("per_class", [True, False])
-def test_matches_float64_lstsq_of_the_stacked_problem(ridge, per_class):
+def test_matches_float64_lstsq_of_the_stacked_problem(ridge, per_class, solver):
     X, y = _data(N=70, seed=1)
     kernel = LaplaceKernel(2.0)
     centers = ny.select_centers(y, 25, seed=2)
-    fit = ny.fit_nystrom(X, y, centers, kernel, ridge, per_class=per_class, block_rows=9)
+    fit = ny.fit_nystrom(X, y, centers, kernel, ridge, per_class=per_class, block_rows=9,
+                         solver=solver)
     Y = signed_one_hot(torch.as_tensor(y), 3, torch.float64)
     A, b = _kmat(kernel, X, X[centers]), Y
     if ridge:
@@ -103,27 +111,30 @@ def test_matches_float64_lstsq_of_the_stacked_problem(ridge, per_class):
     assert torch.allclose(fit.predict(kernel, X), fit.fitted, rtol=0, atol=1e-6)
 
 
-def test_block_size_and_keeping_knc_do_not_change_the_numbers():
+@pytest.mark.parametrize("solver", SOLVE)
+def test_block_size_and_keeping_knc_do_not_change_the_numbers(solver):
     X, y = _data(N=50, seed=3)
     centers = ny.select_centers(y, 20, seed=0)
-    ref = ny.fit_nystrom(X, y, centers, ridge=1e-4, keep_knc=False, block_rows=50, chunk_rows=50)
+    ref = ny.fit_nystrom(X, y, centers, ridge=1e-4, keep_knc=False, block_rows=50, chunk_rows=50,
+                         solver=solver)
     for rows, keep in ((1, True), (7, False), (23, True)):
         fit = ny.fit_nystrom(X, y, centers, ridge=1e-4, keep_knc=keep, block_rows=rows,
-                             chunk_rows=rows)
+                             chunk_rows=rows, solver=solver)
         assert fit.keep_knc is keep
         assert _rel(fit.coef, ref.coef) < 1e-12
         assert _rel(fit.agop, ref.agop) < 1e-12
 
 
-def test_ill_conditioned_float32_problem_is_flagged():
+@pytest.mark.parametrize("solver", SOLVE)
+def test_ill_conditioned_float32_problem_is_flagged(solver):
     # near-duplicate points, all of them centers, ridgeless: κ(K) far beyond 1/ε(float32)
     X, y = _data(N=40, seed=4)
     X = torch.cat([X, X + 1e-6 * torch.randn(X.shape, dtype=torch.float64)])
     X = (X / X.norm(dim=1, keepdim=True)).float()
     y = np.concatenate([y, y])
-    fit = ny.fit_nystrom(X, y, np.arange(80), ridge=0.0)
+    fit = ny.fit_nystrom(X, y, np.arange(80), ridge=0.0, solver=solver)
     assert not fit.trusted and fit.error_estimate > ny.TRUST_TOLERANCE
-    good = ny.fit_nystrom(X[:40], y[:40], np.arange(40), ridge=0.0)
+    good = ny.fit_nystrom(X[:40], y[:40], np.arange(40), ridge=0.0, solver=solver)
     assert good.trusted and good.error_estimate < 1e-4
 
 
@@ -131,7 +142,7 @@ def test_ill_conditioned_float32_problem_is_flagged():
 def test_pcg_agrees_with_tsqr(ridge):
     X, y = _data(N=120, D=8, seed=8)
     centers = ny.select_centers(y, 30, seed=0)
-    qr = ny.fit_nystrom(X, y, centers, ridge=ridge)
+    qr = ny.fit_nystrom(X, y, centers, ridge=ridge, solver="tsqr")
     cg = ny.fit_nystrom(X, y, centers, ridge=ridge, solver="pcg", block_rows=17)
     assert cg.solver == "pcg" and cg.converged and cg.trusted and 1 < cg.iterations < 60
     assert _rel(cg.coef, qr.coef) < 1e-8
@@ -149,6 +160,67 @@ def test_pcg_that_does_not_converge_is_flagged():
     fit = ny.fit_nystrom(X, y, ny.select_centers(y, 30, seed=0), ridge=1e-7, solver="pcg",
                          max_iter=2)
     assert not fit.converged and not fit.trusted and fit.iterations == 2
+
+
+def _ill_conditioned(n=400, M=30, kappa=1e6, seed=0):
+    """A (n × M) with singular values logspaced 1 … 1/κ, b with a component outside range(A)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, M, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(M, M, generator=g, dtype=torch.float64)).Q
+    A = (U * torch.logspace(0, -math.log10(kappa), M, dtype=torch.float64)) @ V.T
+    b = A @ torch.randn(M, 2, generator=g, dtype=torch.float64)
+    b += 1e-3 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return A, b
+
+
+def test_cgls_is_as_accurate_as_qr_where_the_semi_normal_equations_are_not():
+    A, b = _ill_conditioned(kappa=1e6)
+    ref = torch.linalg.lstsq(A, b, driver="gelsd").solution
+    S, shift = ny.gram_factor(A, None)
+    assert shift == 0.0
+    semi = torch.linalg.solve_triangular(
+        S, torch.linalg.solve_triangular(S.T, A.T @ b, upper=False), upper=True)
+    x, info = ny.cgls_solve(A, b, None, S)
+    qr = torch.linalg.lstsq(A, b, driver="gels").solution  # Householder QR
+    # ε·κ² ≈ 1e-4 for the semi-normal solution; CGLS reaches the QR's ε·κ level
+    assert _rel(semi, ref) > 1e-7
+    assert _rel(x, ref) < 10 * max(_rel(qr, ref), 1e-10)
+    assert info["converged"] and 1 <= info["iterations"] <= 6
+
+
+def test_cgls_with_ridge_rows_solves_the_stacked_problem():
+    A, b = _ill_conditioned(kappa=1e4, seed=1)
+    R = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(2),
+                                    dtype=torch.float64), mode="r").R * 1e-2
+    S, _ = ny.gram_factor(A, R)
+    x, info = ny.cgls_solve(A, b, R, S)
+    ref = torch.linalg.lstsq(torch.cat([A, R]), torch.cat([b, torch.zeros(30, 2,
+                                                                         dtype=torch.float64)]),
+                             driver="gelsd").solution
+    assert _rel(x, ref) < 1e-11 and info["converged"]
+
+
+def test_singular_gram_is_shifted_and_the_shift_does_not_change_the_answer():
+    A, b = _ill_conditioned(kappa=1e4, seed=3)
+    A = torch.cat([A, A[:, :1]], dim=1)  # a repeated column: AᵀA exactly singular
+    S, shift = ny.gram_factor(A, None)
+    assert shift > 0
+    x, info = ny.cgls_solve(A, b, None, S, max_iter=200)
+    ref = torch.linalg.lstsq(A, b, driver="gelsd").solution  # the minimum-norm solution
+    assert _rel(A @ x, A @ ref) < 1e-9  # the same fit; CGLS from a range start stays minimal
+    x1, info1 = ny.cgls_solve(A, b, None, S * (1 + 1e-3 * torch.arange(31.0, dtype=S.dtype)),
+                              max_iter=1, tol=1e-15)
+    assert not info1["converged"] and info1["iterations"] == 1
+
+
+def test_auto_is_cgls_where_knc_fits_in_float64_else_tsqr(monkeypatch):
+    X, y = _data(N=60, seed=2)
+    centers = ny.select_centers(y, 20, seed=0)
+    assert ny.fit_nystrom(X, y, centers, ridge=1e-6).solver == "cgls"
+    assert ny.resolve_solver("auto", 60_000, 4000, 784, 10) == "cgls"
+    monkeypatch.setenv("AGOP_MEMORY_GB", "1")  # 60,000 × 4,000 float64 is 1.9 GB
+    assert ny.resolve_solver("auto", 60_000, 4000, 784, 10) == "tsqr"
+    assert ny.resolve_solver("pcg", 60_000, 4000, 784, 10) == "pcg"
 
 
 def test_condition_estimate_of_a_product_of_triangular_factors():
@@ -282,7 +354,8 @@ def _run_ranks(world, X, y, per_rank=None, **kw):
     return out
 
 
-@pytest.mark.parametrize("world, solver", [(2, "tsqr"), (3, "tsqr"), (3, "pcg")])
+@pytest.mark.parametrize("world, solver", [(2, "tsqr"), (3, "tsqr"), (3, "pcg"), (2, "cgls"),
+                                           (3, "cgls"), (2, "auto")])
 def test_ranks_give_the_single_process_numbers(world, solver):
     X, y = _data(N=64, seed=6)
     centers = ny.select_centers(y, 22, seed=0)

@@ -40,16 +40,23 @@ by class), distances and AGOP gradients are taken in per-class coordinates about
 *of the centers* (identical on every rank), which keeps float32 accurate after the classes
 collapse, for points that are not centers too (:func:`nystrom_agop`).
 
-**Two solvers, chosen by measurement.** ``"tsqr"`` (default) is the above. ``"pcg"`` is
-conjugate gradients on the normal equations H α = K_NCᵀY, H = K_NCᵀK_NC + λK_CC, never formed:
-each iteration applies K_NC and K_NCᵀ (kept in float64) and meets the other ranks in one
-M × K all-reduce, preconditioned by FALKON's B = (A_F R_CC)⁻¹ (:func:`falkon_preconditioner`);
-it agrees with the QR to 1e-9 at ``tol=1e-10``. On 2 CPU cores (MNIST, layer 1, λ = 1e-6) it
-needed 39–63 iterations at tol 1e-10 and was no faster than the QR (N = 60,000, M = 4,000: CG
-51 s, QR 48 s; N = 20,000, M = 2,000, one thread: CG 18 s at tol 1e-10, 12 s at tol 1e-6 for
-α within 7e-6, QR 7 s), while it keeps K_NC in float64 (N·M·8 bytes) and stops at a tolerance.
-So the QR is the default; CG is an independent cross-check and the option where the QR is the
-slow part (an accelerator whose QR is slow next to its memory bandwidth: not measured).
+**Three solvers, chosen by measurement.** ``"tsqr"`` is the above. ``"cgls"`` (the default
+where it fits, ``"auto"``) keeps K_NC in float64 (n_local·M·8 bytes) and forms the gram
+AᵀA = K_NCᵀK_NC + λK_CC in float64 (``dsyrk``: half the work of the QR, at the GEMM rate, and
+across ranks one M × M all-reduce instead of a QR of stacked factors); its Cholesky factor S is
+used only as a preconditioner: CGLS on A S⁻¹ from the semi-normal start S⁻¹S⁻ᵀAᵀb
+(:func:`cgls_solve`). Since κ(A S⁻¹) = 1 + O(ε·κ(A)²), one or two iterations (each one pass of
+K_NC and K_NCᵀ and one M × K all-reduce) reach the accuracy of the QR; the semi-normal solution
+alone would carry the squared condition number. Measured on MNIST (N = 4,000–20,000,
+M = 1,000–4,000, layer 1, κ ≈ 1e4–4e4): one CGLS iteration, α within 2e-13–2e-12 of the QR's,
+fitted values within 4e-13, optimality residual 1e-18 (QR: 1e-16); the gram took 30–40% of the
+QR's time (``docs/scaling.md``). ``"pcg"`` is conjugate gradients on the normal equations
+H α = K_NCᵀY, H = K_NCᵀK_NC + λK_CC, never formed: each iteration applies K_NC and K_NCᵀ (kept
+in float64) and meets the other ranks in one M × K all-reduce, preconditioned by FALKON's
+B = (A_F R_CC)⁻¹ (:func:`falkon_preconditioner`), which needs only K_CC; it agrees with the QR
+to 1e-9 at ``tol=1e-10``. On 2 CPU cores (MNIST, layer 1, λ = 1e-6) it needed 39–63 iterations
+at tol 1e-10 and was no faster than the QR (N = 60,000, M = 4,000: CG 51 s, QR 48 s), so it is
+an independent cross-check rather than a default.
 
 **Trust.** :class:`NystromFit` carries κ(A) (a power-iteration estimate from R; for PCG from
 its preconditioner's factor A_F R_CC, within √κ of the preconditioned operator), the relative
@@ -90,8 +97,12 @@ TRUST_TOLERANCE = 1e-2
 #: ... or when the solve's relative optimality residual (a backward error) exceeds this.
 OPTIMALITY_TOLERANCE = 1e-8
 
-#: The solvers of :func:`fit_nystrom`.
-SOLVERS = ("tsqr", "pcg")
+#: The solvers of :func:`fit_nystrom` (``"auto"``: ``"cgls"`` where K_NC fits in memory in
+#: float64 on every rank, else ``"tsqr"``).
+SOLVERS = ("auto", "cgls", "tsqr", "pcg")
+
+#: CGLS stops when every column's preconditioned normal residual has fallen by this factor...
+CGLS_TOLERANCE = 1e-12
 
 #: Rows of points per chunk of the second pass (fitted values and AGOP), at most: a fixed
 #: bound so that sums run in the same order whatever memory is free.
@@ -110,10 +121,12 @@ __all__ = [
     "agop_sample",
     "center_groups",
     "center_factor",
+    "cgls_solve",
     "combine_factors",
     "condition_estimate",
     "falkon_preconditioner",
     "fit_nystrom",
+    "gram_factor",
     "gather_rows",
     "kernel_block",
     "local_factor",
@@ -551,6 +564,127 @@ def _lanczos_condition(steps: list[torch.Tensor], ratios: list[torch.Tensor]) ->
     return kappa
 
 
+def gram_factor(Knc: torch.Tensor, ridge_rows: torch.Tensor | None, comm: Comm | None = None,
+                *, max_tries: int = 12) -> tuple[torch.Tensor, float]:
+    """(S, shift): the upper Cholesky factor of the float64 gram AᵀA = K_NCᵀK_NC + λK_CC.
+
+    Each rank forms its rows' share K_rᵀK_r (float64: ``dsyrk`` on CPUs, half a GEMM's work;
+    a GEMM on other devices), the shares are all-reduced (one M × M sum), and the ridge part
+    (``ridge_rows`` = √λ R_CC) is added once. S is only a *preconditioner* for
+    :func:`cgls_solve`: where the gram is numerically singular (κ(A)² beyond about 1/(8ε): it
+    does not factor, or a pivot² falls to 8ε·max diag), a shift ε·max diag·10^t is added until
+    it factors; that slows CGLS but does not change α.
+    """
+    comm = comm or local()
+    M = Knc.shape[1]
+    if Knc.device.type == "cpu" and Knc.shape[0] > 0:
+        from scipy.linalg.blas import dsyrk
+        # Knc (C order, n × M) is Knc.T in Fortran order: dsyrk(a) = a aᵀ = KᵀK, upper part
+        G = torch.from_numpy(dsyrk(1.0, Knc.numpy().T, lower=0))
+        G = G.triu() + G.triu(1).T
+    else:
+        G = Knc.T @ Knc
+    G = comm.all_reduce_sum(G)
+    if ridge_rows is not None:
+        G = G + ridge_rows.T @ ridge_rows
+    G = 0.5 * (G + G.T)
+    scale = float(G.diagonal().abs().max()) if M else 1.0
+    eps = torch.finfo(torch.float64).eps
+    eye = None
+    for shift in [0.0] + [eps * scale * 10.0**t for t in range(max_tries)]:
+        if shift and eye is None:
+            eye = torch.eye(M, dtype=G.dtype, device=G.device)
+        L, info = torch.linalg.cholesky_ex(G + shift * eye if shift else G)
+        # a pivot at rounding level (a numerically dependent column) is a failure too
+        if int(info) == 0 and bool(torch.isfinite(L).all()) \
+                and float(L.diagonal().min()) ** 2 > 8 * eps * scale:
+            return L.T.contiguous(), float(shift)
+    raise ValueError("the Nyström gram K_NCᵀK_NC + λK_CC could not be factored even shifted "
+                     "(non-finite kernel values?); use solver='tsqr'")
+
+
+def cgls_solve(Knc: torch.Tensor, Y_local: torch.Tensor, ridge_rows: torch.Tensor | None,
+               S: torch.Tensor, comm: Comm | None = None, *, tol: float = CGLS_TOLERANCE,
+               max_iter: int = 50, floor: float = 0.0
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """α = argmin ‖Aα − b‖, A = [K_NC; √λ R_CC], b = [Y; 0], by CGLS preconditioned by S.
+
+    CGLS (conjugate gradients on the least-squares problem, Hestenes–Stiefel in Björck's form)
+    on the variable y = Sα, i.e. on A S⁻¹, with S the Cholesky factor of the gram
+    (:func:`gram_factor`), starting from the semi-normal solution α₀ = S⁻¹S⁻ᵀAᵀb. Since
+    SᵀS = AᵀA up to rounding, κ(A S⁻¹) = 1 + O(ε·κ(A)²): each iteration cuts the error by about
+    ε·κ(A)², so one or two suffice up to κ(A) ≈ 1e7. Unlike the semi-normal equations alone
+    (error ε·κ(A)², what lost the collapse in the prototype), CGLS works with the residual
+    r = b − Aα itself, computed from K_NC, so the result is as accurate as the QR's (ε·κ(A)).
+
+    Each iteration applies K_NC and K_NCᵀ once (rows local to the rank) and meets the other
+    ranks in one M × K and one K-vector all-reduce. The K columns run as K independent CGLSs.
+    A column stops when its preconditioned normal residual ‖S⁻ᵀAᵀr‖ has fallen below ``tol``
+    times its start ‖S⁻ᵀAᵀb‖, or when it stops falling (rounding level); ``converged`` is
+    whether every column's final ratio is ≤ max(tol, floor) (``floor``: the rounding level
+    the caller expects, e.g. 64·ε·κ(A)).
+
+    Returns
+    -------
+    (torch.Tensor, dict)
+        α (M × K float64) and ``iterations``, ``converged``, ``relative_residual`` (the largest
+        column's ratio).
+    """
+    comm = comm or local()
+    tiny = torch.finfo(torch.float64).tiny
+    St = S.T.contiguous()
+
+    def s_inv(v):
+        return torch.linalg.solve_triangular(S, v, upper=True)
+
+    def s_inv_t(v):
+        return torch.linalg.solve_triangular(St, v, upper=False)
+
+    def a_t(r1, r2):  # Aᵀr, identical on every rank; (rᵀK)ᵀ avoids torch's slow Kᵀr path
+        g = comm.all_reduce_sum((r1.T @ Knc).T)
+        return g if r2 is None else g + ridge_rows.T @ r2
+
+    def a_mul(t):
+        return Knc @ t, (None if ridge_rows is None else ridge_rows @ t)
+
+    Y = Y_local.to(torch.float64)
+    s = s_inv_t(a_t(Y, None))
+    g0 = (s * s).sum(dim=0).clamp(min=tiny)
+    x = s_inv(s)
+    q1, q2 = a_mul(x)
+    r1 = Y - q1
+    r2 = None if q2 is None else -q2
+    s = s_inv_t(a_t(r1, r2))
+    gamma = (s * s).sum(dim=0)
+    p = s.clone()
+    rel = float((gamma / g0).max().sqrt())
+    best = rel
+    stalls = 0
+    it = 0
+    while rel > tol and it < max_iter and stalls < 2:
+        it += 1
+        t = s_inv(p)
+        q1, q2 = a_mul(t)
+        delta = comm.all_reduce_sum((q1 * q1).sum(dim=0))
+        if q2 is not None:
+            delta = delta + (q2 * q2).sum(dim=0)
+        a = torch.where(delta > 0, gamma / delta.clamp(min=tiny), torch.zeros_like(gamma))
+        x += a * t
+        r1 -= a * q1
+        if r2 is not None:
+            r2 -= a * q2
+        s = s_inv_t(a_t(r1, r2))
+        gamma_new = (s * s).sum(dim=0)
+        b = torch.where(gamma > 0, gamma_new / gamma.clamp(min=tiny), torch.zeros_like(gamma))
+        p = s + b * p
+        gamma = gamma_new
+        rel = float((gamma / g0).max().sqrt())
+        stalls = stalls + 1 if rel > 0.5 * best else 0
+        best = min(best, rel)
+    return x, {"iterations": it, "converged": rel <= max(tol, floor),
+               "relative_residual": rel}
+
+
 # ----------------------------------------------------------------------------- AGOP, predictions
 class _Frame:
     """Centers and points in per-group coordinates: c_j = x̃_j + μ_{g(j)}, p_i = x̃_i + μ_{h(i)}.
@@ -809,8 +943,8 @@ def nystrom_memory(n_local: int, M: int, D: int, K: int, dtype: torch.dtype = to
     (4M²·8), α·x̃ (MKD); kept: K_NC in float64 (8·n_local·M); then a block of its rows (3M per
     row) or a second-pass chunk.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    if solver not in SOLVERS or solver == "auto":
+        raise ValueError(f"solver must be one of {SOLVERS[1:]}; got {solver!r}")
     item = torch.tensor([], dtype=dtype).element_size()
     n = M + K
     if block_rows is None:
@@ -818,9 +952,10 @@ def nystrom_memory(n_local: int, M: int, D: int, K: int, dtype: torch.dtype = to
     if chunk_rows is None:
         chunk_rows = min(n_local, CHUNK_ROWS)
     chunk = chunk_rows * (item * (4 * M + 2 * K * D + D) + 8 * (M + 2 * K))
-    if solver == "pcg":
+    if solver in ("pcg", "cgls"):
         fixed = item * 2 * M * D + 8 * 4 * M * M + item * M * K * D + item * D * D
-        return int(fixed + 8 * n_local * M + max(block_rows * item * 3 * M, chunk))
+        kept = item * n_local * M if keep_knc and solver == "cgls" else 0
+        return int(fixed + kept + 8 * n_local * M + max(block_rows * item * 3 * M, chunk))
     fixed = (item * 2 * M * D + 8 * 2 * M * M + 8 * 2 * n * n
              + (8 * 2 * world * n * n if world > 1 else 0) + item * M * K * D + item * D * D)
     kept = item * n_local * M if keep_knc else 0
@@ -857,12 +992,12 @@ def plan(n_local: int, M: int, D: int, K: int, dtype: torch.dtype = torch.float3
                 return NystromPlan(block_rows=rows, chunk_rows=chunk, keep_knc=keep, bytes=need)
     need = nystrom_memory(n_local, M, D, K, dtype, keep_knc is True, world=world,
                           block_rows=smallest, chunk_rows=chunk, solver=solver)
-    what = ", K_NC kept" if keep_knc is True or solver == "pcg" else ""
+    what = ", K_NC kept" if keep_knc is True or solver in ("pcg", "cgls") else ""
     raise MemoryError(
         f"the Nyström layer ({solver}) with M = {M} centers ({n_local} rows on this rank, "
         f"D = {D}, K = {K}, {dtype_name(dtype)}{what}) needs about {format_bytes(need)} on "
         f"{dev} but the budget is {format_bytes(budget)}; use fewer centers (or more processes"
-        f"{', or solver=tsqr' if solver == 'pcg' else ''})"
+        f"{', or solver=tsqr' if solver in ('pcg', 'cgls') else ''})"
     )
 
 
@@ -912,13 +1047,14 @@ class NystromFit:
     dtype : str
         The compute dtype.
     solver : str
-        ``"tsqr"`` or ``"pcg"``.
+        The solver that ran: ``"cgls"``, ``"tsqr"`` or ``"pcg"`` (never ``"auto"``).
     iterations, converged, preconditioned_condition :
-        PCG's iteration count, whether it met its tolerance, and κ of the preconditioned
-        operator from its Lanczos coefficients (0, True, NaN for ``"tsqr"``).
+        CGLS's or PCG's iteration count, whether it met its tolerance, and (PCG) κ of the
+        preconditioned operator from its Lanczos coefficients (0, True, NaN for ``"tsqr"``).
     seconds : dict
         Per phase: ``centers``, ``ridge`` (K_CC and its factor), ``knc`` (kernel blocks),
-        ``qr`` and ``combine`` (TSQR) or ``cg`` (PCG), ``solve`` (α and κ), ``fitted``,
+        ``qr`` and ``combine`` (TSQR), ``gram`` and ``cg`` (CGLS) or ``cg`` (PCG), ``solve``
+        (α and κ), ``fitted``,
         ``agop``, ``check`` (this rank's).
     """
 
@@ -958,8 +1094,8 @@ def fit_nystrom(X_local: torch.Tensor, y: Any, centers: np.ndarray,
                 num_classes: int | None = None, per_class: bool = True, agop: bool = True,
                 agop_points: int | np.ndarray | None = None, seed: int = 0,
                 keep_knc: bool | str = "auto", block_rows: int | None = None,
-                chunk_rows: int | None = None, solver: str = "tsqr", tol: float = 1e-10,
-                max_iter: int = 300) -> NystromFit:
+                chunk_rows: int | None = None, solver: str = "auto", tol: float | None = None,
+                max_iter: int | None = None) -> NystromFit:
     """One Nyström Deep RFM layer on this rank's rows: α, fitted values, the AGOP, and checks.
 
     α = argmin ‖K_NCα − Y‖² + λαᵀK_CCα (module docstring), Y the ±1 one-hot targets of ``y``;
@@ -996,11 +1132,15 @@ def fit_nystrom(X_local: torch.Tensor, y: Any, centers: np.ndarray,
     block_rows, chunk_rows : int, optional
         Override the planned QR block and second-pass chunk rows.
     solver : str
-        ``"tsqr"`` (default): the streamed Householder QR, backward stable, no tolerance, K_NC
-        streamed. ``"pcg"``: CG preconditioned by FALKON's preconditioner
-        (:func:`falkon_preconditioner`), K_NC kept in float64 (n_local·M·8 bytes), one M × K
-        all-reduce per iteration, stopped at relative residual ``tol`` (at most ``max_iter``
-        iterations; not converged → ``trusted`` False).
+        ``"auto"`` (default): ``"cgls"`` where its memory plan fits on every rank, else
+        ``"tsqr"`` (:func:`resolve_solver`). ``"cgls"``: K_NC kept in float64 (n_local·M·8
+        bytes), the float64 gram's Cholesky factor preconditioning CGLS (:func:`cgls_solve`;
+        ``tol`` default ``CGLS_TOLERANCE``, ``max_iter`` 50). ``"tsqr"``: the streamed
+        Householder QR, backward stable, no tolerance, K_NC streamed (the least memory).
+        ``"pcg"``: CG preconditioned by FALKON's preconditioner (:func:`falkon_preconditioner`),
+        K_NC kept in float64, one M × K all-reduce per iteration, stopped at relative residual
+        ``tol`` (default 1e-10, at most ``max_iter`` = 300 iterations). Not converged →
+        ``trusted`` False.
 
     Returns
     -------
@@ -1010,8 +1150,10 @@ def fit_nystrom(X_local: torch.Tensor, y: Any, centers: np.ndarray,
     seconds: dict[str, float] = {}
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    check_positive(tol, "tol")
-    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    if tol is not None:
+        check_positive(tol, "tol")
+    if max_iter is not None:
+        max_iter = check_int(max_iter, "max_iter", minimum=1)
     kernel = get_kernel(kernel, bandwidth)
     check_matrix(X_local, "X_local")
     check_positive(ridge, "ridge", allow_zero=True)
@@ -1039,8 +1181,15 @@ def fit_nystrom(X_local: torch.Tensor, y: Any, centers: np.ndarray,
     if comm.world > 1:  # ranks that disagree would meet in collectives of different shapes
         comm.agree((N, D, K, M, zlib.crc32(centers.tobytes()), float(ridge), repr(kernel),
                     per_class, agop, None if points is None else zlib.crc32(points.tobytes()),
-                    solver, float(tol), max_iter, dtype_name(dtype)), "the Nyström settings")
-    p = plan(n_local, M, D, K, dtype, dev, world=comm.world, keep_knc=keep_knc, solver=solver)
+                    solver, tol, max_iter, dtype_name(dtype)), "the Nyström settings")
+    solver = resolve_solver(solver, n_local, M, D, K, dtype, dev, comm=comm)
+    if tol is None:
+        tol = CGLS_TOLERANCE if solver == "cgls" else 1e-10
+    if max_iter is None:
+        max_iter = 50 if solver == "cgls" else 300
+    if solver == "cgls" and keep_knc == "auto" and (not agop or 2 * len(local_rows) < n_local):
+        keep_knc = False  # the AGOP rebuilds the distances of its few rows; K_NC is kept anyway
+    p = _collective_plan(comm, n_local, M, D, K, dtype, dev, keep_knc, solver)
     block_rows = block_rows or p.block_rows
     chunk_rows = chunk_rows or p.chunk_rows
 
@@ -1058,6 +1207,10 @@ def fit_nystrom(X_local: torch.Tensor, y: Any, centers: np.ndarray,
         coef, R_info, kept, kvalues = _solve_tsqr(kernel, X_local, Y_local, C, centers, groups,
                                                   ridge, row_start, block_rows, p.keep_knc,
                                                   comm, seconds)
+    elif solver == "cgls":
+        coef, R_info, kept, kvalues = _solve_cgls(kernel, X_local, Y_local, C, centers, groups,
+                                                  ridge, row_start, block_rows, p.keep_knc, tol,
+                                                  max_iter, comm, seconds)
     else:
         coef, R_info, kept, kvalues = _solve_pcg(kernel, X_local, Y_local, C, centers, groups,
                                                  ridge, row_start, N, block_rows, tol, max_iter,
@@ -1085,7 +1238,7 @@ def fit_nystrom(X_local: torch.Tensor, y: Any, centers: np.ndarray,
     optimality = float(grad.norm()) / max(norm_a * (r_norm + norm_a * float(coef.norm())),
                                           torch.finfo(torch.float64).tiny)
     objective = R_info.get("objective")
-    if objective is None:  # PCG: from the exact fitted values
+    if objective is None:  # CGLS, PCG: from the exact fitted values
         objective = (fit_sq + ridge_norm2) / y_sq
     u = torch.finfo(dtype).eps / 2
     error_estimate = u * condition / math.sqrt(M)
@@ -1147,17 +1300,8 @@ def _solve_pcg(kernel, X_local, Y_local, C, centers, groups, ridge, row_start, N
     """α by FALKON-preconditioned CG on Hα = K_NCᵀY, H = K_NCᵀK_NC + λK_CC; K_NC kept in
     float64 (the products in float64, so that only the kernel entries carry the compute
     dtype's rounding, as in the QR path)."""
-    n_local = X_local.shape[0]
-    M = C.shape[0]
     dev = X_local.device
-    t = time.perf_counter()
-    Knc = torch.empty((n_local, M), dtype=torch.float64, device=dev)
-    for i0 in range(0, n_local, block_rows):
-        i1 = min(n_local, i0 + block_rows)
-        Knc[i0:i1] = kernel_block(kernel, X_local[i0:i1], C, groups=groups,
-                                  start=row_start + i0, centers=centers)[0]
-    synchronize(dev)
-    seconds["knc"] = time.perf_counter() - t
+    Knc, _ = _knc64(kernel, X_local, C, centers, groups, row_start, block_rows, seconds)
 
     t = time.perf_counter()
     R_cc, jitter = center_factor(kernel, C, groups=groups)
@@ -1184,6 +1328,101 @@ def _solve_pcg(kernel, X_local, Y_local, C, centers, groups, ridge, row_start, N
     info.update(ridge_rows=math.sqrt(ridge) * R_cc if ridge else None, jitter=jitter,
                 condition=condition, norm=norm_a)
     return coef, info, None, Knc
+
+
+def _knc64(kernel, X_local, C, centers, groups, row_start, block_rows, seconds, keep=False):
+    """This rank's K_NC, n_local × M in float64, built in row blocks in the compute dtype (so
+    that only the kernel entries carry its rounding; the products run in float64), and with
+    ``keep`` the distances too (compute dtype, for the AGOP's second pass)."""
+    n_local, M = X_local.shape[0], C.shape[0]
+    dev = X_local.device
+    t = time.perf_counter()
+    Knc = torch.empty((n_local, M), dtype=torch.float64, device=dev)
+    kept = torch.empty((n_local, M), dtype=X_local.dtype, device=dev) if keep else None
+    for i0 in range(0, n_local, block_rows):
+        i1 = min(n_local, i0 + block_rows)
+        kb, dist = kernel_block(kernel, X_local[i0:i1], C, groups=groups,
+                                start=row_start + i0, centers=centers)
+        Knc[i0:i1] = kb
+        if kept is not None:
+            kept[i0:i1] = dist
+        del kb, dist
+    synchronize(dev)
+    seconds["knc"] = time.perf_counter() - t
+    return Knc, kept
+
+
+def _solve_cgls(kernel, X_local, Y_local, C, centers, groups, ridge, row_start, block_rows,
+                keep, tol, max_iter, comm, seconds):
+    """α by CGLS preconditioned by the Cholesky factor of the float64 gram (:func:`cgls_solve`);
+    K_NC kept in float64 for the iterations and the fitted values, its distances too if
+    ``keep`` (for the AGOP)."""
+    dev = X_local.device
+    Knc, kept = _knc64(kernel, X_local, C, centers, groups, row_start, block_rows, seconds,
+                       keep)
+
+    t = time.perf_counter()
+    ridge_rows, jitter = ridge_factor(kernel, C, ridge, groups=groups)
+    synchronize(dev)
+    seconds["ridge"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    S, shift = gram_factor(Knc, ridge_rows, comm)
+    synchronize(dev)
+    seconds["gram"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    condition, norm_a = condition_estimate(S)
+    synchronize(dev)
+    seconds["solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    u = torch.finfo(torch.float64).eps / 2
+    coef, info = cgls_solve(Knc, Y_local, ridge_rows, S, comm, tol=tol, max_iter=max_iter,
+                            floor=64 * u * condition)
+    coef = comm.broadcast(coef)  # bit-identical α on every rank
+    synchronize(dev)
+    seconds["cg"] = time.perf_counter() - t
+    info.update(ridge_rows=ridge_rows, jitter=jitter, condition=condition, norm=norm_a,
+                gram_shift=shift)
+    return coef, info, kept, Knc
+
+
+def _collective_plan(comm, n_local, M, D, K, dtype, dev, keep_knc, solver) -> NystromPlan:
+    """:func:`plan` on every rank, with one verdict: if it fails on any rank, every rank raises
+    the ``MemoryError`` (a rank-local failure would leave the others waiting in a collective)."""
+    try:
+        p, err = plan(n_local, M, D, K, dtype, dev, world=comm.world, keep_knc=keep_knc,
+                      solver=solver), None
+    except MemoryError as e:
+        p, err = None, str(e)
+    if comm.world > 1:
+        errors = [e for e in comm.all_gather_object(err) if e is not None]
+        if errors and err is None:
+            err = f"on another rank: {errors[0]}"
+    if err is not None:
+        raise MemoryError(err)
+    return p
+
+
+def resolve_solver(solver: str, n_local: int, M: int, D: int, K: int,
+                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                   comm: Comm | None = None) -> str:
+    """The solver ``"auto"`` stands for: ``"cgls"`` where its plan (K_NC kept in float64) fits
+    the memory budget on every rank, else ``"tsqr"`` (streamed; the least memory). Other names
+    are returned as they are. With several processes the ranks decide together (one
+    all-reduce), so that they all run the same solver."""
+    if solver != "auto":
+        return solver
+    comm = comm or local()
+    try:
+        plan(n_local, M, D, K, dtype, device, world=comm.world, solver="cgls")
+        fits = 1.0
+    except MemoryError:
+        fits = 0.0
+    if comm.world > 1:
+        fits = float(comm.all_reduce_sum(torch.tensor([fits], dtype=torch.float64))[0])
+    return "cgls" if fits == comm.world else "tsqr"
 
 
 def _check_centers(centers: Any, N: int) -> np.ndarray:
