@@ -300,3 +300,175 @@ def test_skipping_a_refused_float32_gram_try_gives_the_same_bits():
                     try_float32=False)
     assert tried["fallback"] and skipped["fallback"] and "error_estimate" not in skipped
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spread", [3e-2, 1e-2, 3e-3])
+def test_float32_gram_agop_is_as_accurate_as_float64_on_collapsed_data(spread):
+    # A fixed accuracy bound, not one derived from GRAM_TOLERANCE: across spreads where the
+    # float32 gram form loses 1e-5 to 1e-2 of M (the cancellation grows like 1/spread²), the
+    # AGOP kernel_agop returns for float32 inputs must stay within 1e-6 of the float64 AGOP of
+    # the same (rounded) inputs, whichever way (gram, float64 redo, direct) it gets there.
+    X, coef, groups = _collapsed_problem(spread)
+    X32, A32 = X.float(), coef.float()
+    k = LaplaceKernel(2.0)
+    ref = kernel_agop(k, X32.double(), A32.double(), groups=groups, method="direct")
+    for method in ("gram", "auto"):
+        M = kernel_agop(k, X32, A32, groups=groups, method=method)
+        assert M.dtype == torch.float32
+        assert _rel(M.double(), ref) < 1e-6, (spread, method)
+
+
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_self_term_is_dropped_where_it_would_dominate_the_agop(method):
+    # With a bandwidth far below the spacing of the points (here L = 0.02, nearest neighbours
+    # ≥ 0.38 apart) every true gradient carries a factor e^{−d/L} ≤ e^{−19}, while a self
+    # term j = i evaluated at the rounding-noise self-distance of ‖x‖² + ‖z‖² − 2xᵀz (about
+    # 1e-8) would weigh 1/(L·1e-8) and, through the cancellation of its (x_i − x_i), swamp
+    # M by orders of magnitude. Dropped by index, M matches autograd to float64 rounding.
+    from agop.kernels import pairwise_distances
+
+    C, A, _ = _data()
+    noisy = pairwise_distances(C, C.clone()).diagonal()  # Z not X: no self terms zeroed
+    assert float(noisy.max()) > 0.0  # precondition: the formula leaves nonzero self-distances
+    k = LaplaceKernel(0.02)
+    ref = _reference_agop(k, C, A)
+    assert _rel(kernel_agop(k, C, A, method=method), ref) < 1e-12
+
+
+def test_model_agop_plans_its_batches_from_the_jacobian_size(monkeypatch):
+    # without batch_size: 8·K·D·itemsize bytes per sample (the vmapped jacobian and its
+    # float64 copy, with headroom), a quarter of the free memory; K from one forward pass
+    import agop.agop as agop_module
+
+    g = torch.Generator().manual_seed(2)
+    R = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    X = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    fn = lambda x: torch.tanh(x) @ R.T  # noqa: E731
+    calls = []
+
+    def plan(bytes_per_row, total_rows, device, **kw):
+        calls.append((bytes_per_row, total_rows, torch.device(device), kw))
+        return 4
+
+    monkeypatch.setattr(agop_module, "plan_rows", plan)
+    M = model_agop(fn, X)
+    assert calls == [(8 * 3 * 5 * 8, 11, torch.device("cpu"), {"fraction": 0.25})]
+    assert _rel(M, model_agop(fn, X, batch_size=11)) < 1e-14
+    model_agop(fn, X, batch_size=5)
+    assert len(calls) == 1  # an explicit batch size is not replanned
+
+
+def test_model_agop_single_sample_and_empty_input():
+    R = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
+    M = model_agop(lambda x: x @ R.T, torch.ones(1, 3, dtype=torch.float64))
+    assert torch.allclose(M, R.T @ R, rtol=1e-14)
+    with pytest.raises(ValueError, match="sample dimension"):
+        model_agop(lambda x: x, torch.ones(0, 3))
+
+
+def test_cost_model_formulas_and_the_choice_they_make():
+    from agop.agop import resolve_method
+
+    n, N, K, D = 7, 11, 3, 5
+    assert agop_cost(n, N, K, D, "direct") == 2 * n * N * (D + K + K * D) + 2 * n * K * D * D
+    gram = N**3 + 4 * N * N * D + 8 * N * N * K + 2 * N * D * D
+    assert agop_cost(n, N, K, D, "gram") == gram
+    assert agop_cost(n, N, K, D, "gram", float64_slowdown=3.0) == 3 * gram
+    # N = 100, K = D = 10: gram 2.22e6 against direct 2.6e6 FLOPs; a float64 redo at twice the
+    # cost tips it; "auto" resolves to the cheaper one, for points = centers only
+    assert choose_method(100, 100, 10, 10, True) == "gram"
+    assert choose_method(100, 100, 10, 10, True, float64_slowdown=2.0) == "direct"
+    assert resolve_method("auto", 100, 100, 10, 10, True) == "gram"
+    assert resolve_method("auto", 100, 100, 10, 10, False) == "direct"
+    assert resolve_method("direct", 100, 100, 10, 10, True) == "direct"
+
+
+def test_info_reports_what_was_done_and_auto_picks_gram_for_wide_features():
+    C, A, _ = _data(N=30, D=40, K=5, seed=8)  # N < K·D: the gram form is cheaper
+    info = {}
+    M = kernel_agop(LaplaceKernel(), C, A, info=info)
+    assert info == {"method": "gram", "precision": "float64"}
+    assert _rel(M, kernel_agop(LaplaceKernel(), C, A, method="direct")) < 1e-12
+    info = {}
+    kernel_agop(LaplaceKernel(), C, A, method="direct", info=info)
+    assert info == {"method": "direct", "precision": "float64"}
+
+
+def test_error_messages_name_the_input():
+    C, A, P = _data()
+    bad = A.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="^coef contains NaN or inf"):
+        kernel_agop(LaplaceKernel(), C, bad)
+    P = P.clone()
+    P[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="^points contains NaN or inf"):
+        kernel_agop(LaplaceKernel(), C, A, points=P)
+
+
+def test_two_groups_and_chunks_with_groups_give_the_same_agop():
+    from agop.kernels import class_groups
+
+    C, A, _ = _data(N=45, seed=9)
+    k = LaplaceKernel()
+    ref = kernel_agop(k, C, A, method="direct")
+    for y in (torch.arange(45) % 2, torch.arange(45) % 3):
+        for method in ("direct", "gram"):
+            for rows in (7, 45):
+                M = kernel_agop(k, C, A, method=method, groups=class_groups(y), chunk_rows=rows)
+                assert _rel(M, ref) < 1e-12, (int(y.max()) + 1, method, rows)
+
+
+def test_coef_in_another_dtype_is_converted_to_the_centers():
+    C, A, _ = _data()
+    M = kernel_agop(LaplaceKernel(), C, A.float())
+    assert M.dtype == torch.float64
+    assert torch.equal(M, kernel_agop(LaplaceKernel(), C, A.float().double()))
+
+
+def test_refused_float32_gram_is_redone_in_float64_where_that_is_cheaper(monkeypatch):
+    # wide features (N = 60 < K·D): the float64 gram form costs less than the direct form,
+    # so a refused float32 try is redone by it, and the result is exact to float32 rounding
+    import agop.agop as agop_module
+    from agop.kernels import class_groups
+
+    monkeypatch.setattr(agop_module, "float64_slowdown", lambda device: 1.0)
+    g = torch.Generator().manual_seed(6)
+    K, per, D = 3, 20, 150
+    y = torch.arange(K).repeat_interleave(per)
+    means = torch.randn(K, D, generator=g, dtype=torch.float64)
+    X = means[y] / means[y].norm(dim=1, keepdim=True) + 1e-3 * torch.randn(K * per, D,
+                                                                            generator=g,
+                                                                            dtype=torch.float64)
+    X = X / X.norm(dim=1, keepdim=True)
+    Y = -torch.ones(K * per, K, dtype=torch.float64)
+    Y[torch.arange(K * per), y] = 1
+    from agop.solve import kernel_ridge
+
+    coef = kernel_ridge(LaplaceKernel(2.0)(X), Y).coef
+    X32, A32 = X.float(), coef.float()
+    groups = class_groups(y)
+    ref = kernel_agop(LaplaceKernel(2.0), X32.double(), A32.double(), groups=groups,
+                      method="direct")
+    info = {}
+    M = kernel_agop(LaplaceKernel(2.0), X32, A32, groups=groups, method="gram", info=info)
+    assert info["fallback"] and (info["method"], info["precision"]) == ("gram", "float64")
+    assert M.dtype == torch.float32
+    assert _rel(M.double(), ref) < 1e-6
+    # the refused try with small features is redone by the direct form, in float32
+    Xs, As, gs = _collapsed_problem(1e-3)
+    info = {}
+    kernel_agop(LaplaceKernel(2.0), Xs.float(), As.float(), groups=gs, method="gram", info=info)
+    assert info["fallback"] and (info["method"], info["precision"]) == ("direct", "float32")
+
+
+def test_overlapping_groups_that_miss_a_center_are_refused():
+    C, A, _ = _data(N=3)
+    with pytest.raises(ValueError, match="partition"):  # 2 + 1 = N indices, but center 2 in none
+        kernel_agop(LaplaceKernel(), C, A, groups=[torch.tensor([0, 1]), torch.tensor([1])])
+
+
+def test_model_agop_of_float32_inputs_accumulates_in_float64():
+    R = torch.arange(6.0).reshape(2, 3)
+    M = model_agop(lambda x: x @ R.T, torch.ones(4, 3), batch_size=3)
+    assert M.dtype == torch.float64 and torch.equal(M, (R.T @ R).double())

@@ -60,3 +60,23 @@ def test_plan_rows_fits_the_budget_and_says_what_it_needs(monkeypatch):
     with pytest.raises(MemoryError, match="need at least"):
         backend.plan_rows(2 * 1024**3, 10, "cpu")
     assert backend.format_bytes(1536) == "1.5 KiB"
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1e-400"])
+def test_a_bad_memory_cap_is_named(monkeypatch, value):
+    """AGOP_MEMORY_GB=abc|0|-1 (and NaN, inf, a number that rounds to 0) is refused in one line
+    that names the variable and the value, not a float() error or a 1-byte budget."""
+    monkeypatch.setenv("AGOP_MEMORY_GB", value)
+    with pytest.raises(ValueError, match=f"AGOP_MEMORY_GB must be a number of GiB greater "
+                                         f"than 0.*got '{value}'"):
+        backend.memory_budget("cpu")
+
+
+def test_an_empty_memory_cap_is_no_cap(monkeypatch):
+    monkeypatch.delenv("AGOP_MEMORY_GB", raising=False)
+    free = backend.memory_budget("cpu", fraction=1.0)
+    monkeypatch.setenv("AGOP_MEMORY_GB", " ")
+    assert backend.memory_cap() is None
+    assert backend.memory_budget("cpu", fraction=1.0) == pytest.approx(free, rel=0.2)
+    monkeypatch.setenv("AGOP_MEMORY_GB", "0.5")
+    assert backend.memory_cap() == 512 * 1024**2

@@ -177,6 +177,167 @@ def test_nc1_pinv_with_collinear_means_uses_only_their_line(offset):
     assert got == pytest.approx(expected, rel=1e-7 if offset else 1e-12)
 
 
+def _low_rank_features(seed, rank, n=100, K=10, D=64, offset=3.0, spread=0.5):
+    """Float32 features whose class means span exactly ``rank`` directions (before rounding).
+
+    Class means = offset·|g| (a positive common part, as after a ReLU) + T_c Vᵀ with V (D ×
+    rank) orthonormal; within-class noise exactly centred per class, so the float64 Σ_B of the
+    exact means, (T − T̄)ᵀ(T − T̄)/K in the basis V, is known. Returns (H32, y, V, T).
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat(np.arange(K), n))
+    V = np.linalg.qr(rng.normal(size=(D, rank)))[0]
+    T = 2.0 * rng.normal(size=(K, rank))
+    means = offset * np.abs(rng.normal(size=D)) + T @ V.T
+    noise = spread * rng.normal(size=(len(y), D))
+    for c in range(K):
+        noise[y == c] -= noise[y == c].mean(0)
+    return (means[y] + noise).astype(np.float32), y, V, T
+
+
+def _pinv_paths(H, y, K):
+    """nc1_pinv in memory, streamed in batches of 1000, 128 and 7 rows, with two threads,
+    and merged from three accumulators in two orders."""
+    values = {"measure": collapse.nc1_pinv(H, y)}
+    for rows in (1000, 128, 7):
+        acc = CollapseAccumulator(K, H.shape[1])
+        for i in range(0, len(y), rows):
+            acc.update(H[i:i + rows], y[i:i + rows])
+        values[f"batches of {rows}"] = acc.compute()["nc1_pinv"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        acc = CollapseAccumulator(K, H.shape[1])
+        for i in range(0, len(y), 128):
+            acc.update(torch.from_numpy(H[i:i + 128]), y[i:i + 128])
+        values["two threads"] = acc.compute()["nc1_pinv"]
+    finally:
+        torch.set_num_threads(threads)
+    part = np.random.default_rng(0).integers(0, 3, size=len(y))
+    accs = [CollapseAccumulator(K, H.shape[1]) for _ in range(3)]
+    for r, acc in enumerate(accs):
+        acc.update(H[part == r], y[part == r])
+    values["merged 2, 0, 1"] = (CollapseAccumulator.from_state(accs[2].state())
+                                .merge(accs[0]).merge(accs[1]).compute()["nc1_pinv"])
+    values["merged 0, 1, 2"] = accs[0].merge(accs[1]).merge(accs[2]).compute()["nc1_pinv"]
+    return values
+
+
+@pytest.mark.parametrize("seed, rank", [(0, 1), (1, 1), (2, 3)])
+def test_nc1_pinv_of_float32_low_rank_means_inverts_only_their_span(seed, rank):
+    # The float32 rounding of the features leaves directions with singular values
+    # ~1e-7 in the centered class means; inverting them gave nc1_pinv ~1e15, and a streamed
+    # scatter's rounding divided by those s² gave values of either sign that changed with the
+    # batch size and the thread count. Independent value: the float64 pseudo-inverse of the
+    # exact Σ_B (rank ``rank``, known from the construction) and Σ_W of the float32 data.
+    K = 10
+    H, y, V, T = _low_rank_features(seed, rank, K=K)
+    H64 = H.astype(np.float64)
+    Sw = direct_scatters(H64, y, K)[0]
+    Tc = T - T.mean(0)
+    Sb = V @ (Tc.T @ Tc / K) @ V.T  # D × D, rank ``rank`` exactly
+    expected = np.trace(Sw @ np.linalg.pinv(Sb, rtol=1e-8, hermitian=True)) / K
+    S = np.linalg.svd(np.stack([H64[y == c].mean(0) for c in range(K)])
+                      - np.mean([H64[y == c].mean(0) for c in range(K)], axis=0),
+                      compute_uv=False)
+    assert 0 < S[rank] < 1e-6 * S[0]  # rounding directions are there to be dropped
+    nc1 = collapse.nc1(H, y)
+    values = _pinv_paths(H, y, K)
+    for where, v in values.items():
+        assert v >= 0, where
+        # the float32 rounding moves the means' span by ~1e-7 relative
+        assert v == pytest.approx(expected, rel=1e-5), where
+        assert abs(v - values["measure"]) <= 1e-10 * nc1, where  # the stated agreement
+
+
+def test_nc1_pinv_is_never_negative_where_sigma_w_vanishes_along_the_means():
+    # Within-class spread 1e3 orthogonal to the class means, plus mean directions of size 1e-10
+    # (below the cutoff): the true value along the kept direction is 0, and a streamed
+    # scatter's rounding there is ±1e-13; it must not come out negative, in any batching.
+    rng = np.random.default_rng(31)
+    K, D = 10, 32
+    y = rng.permutation(np.repeat(np.arange(K), 100))
+    Q = np.linalg.qr(rng.normal(size=(D, D)))[0]
+    means = (1e3 * np.abs(rng.normal(size=D)) + np.outer(2 * rng.normal(size=K), Q[:, 0])
+             + 1e-10 * rng.normal(size=(K, 5)) @ Q[:, 1:6].T)
+    noise = 1e3 * rng.normal(size=(len(y), D - 6)) @ Q[:, 6:].T
+    for c in range(K):
+        noise[y == c] -= noise[y == c].mean(0)
+    H = means[y] + noise
+    nc1 = collapse.nc1(H, y)
+    for where, v in _pinv_paths(H, y, K).items():
+        assert 0 <= v <= 1e-12 * nc1, where
+
+
+def test_nc1_pinv_cutoff_follows_the_features_dtype():
+    # Few samples and a large common part: √(1000·N·ε)·s_max alone would keep the float32
+    # rounding directions of these means; the features' own precision must drop them, in
+    # memory and streamed (the accumulator keeps the coarsest dtype it was fed, in its state).
+    K = 10
+    H, y, V, T = _low_rank_features(5, 1, n=3, K=K, offset=1e3, spread=1e-3)
+    H64 = H.astype(np.float64)
+    Tc = T - T.mean(0)
+    Sb = V @ (Tc.T @ Tc / K) @ V.T
+    expected = np.trace(direct_scatters(H64, y, K)[0] @ np.linalg.pinv(Sb, rtol=1e-8,
+                                                                       hermitian=True)) / K
+    got = collapse.nc1_pinv(H, y)
+    assert got == pytest.approx(expected, rel=1e-3)
+    # The same numbers handed in as float64 count as exact: their rounding directions are kept.
+    assert collapse.nc1_pinv(H64, y) > 1e3 * expected
+    acc = CollapseAccumulator(K, H.shape[1])
+    acc.update(H64[:7], y[:7])  # float64 first: the coarsest dtype seen still wins
+    acc.update(torch.from_numpy(H[7:]), y[7:])
+    assert float(acc.state()["input_eps"]) == np.finfo(np.float32).eps
+    assert acc.compute()["nc1_pinv"] == pytest.approx(got, rel=1e-9)
+    back = CollapseAccumulator.from_state(acc.state())
+    assert back.compute()["nc1_pinv"] == pytest.approx(got, rel=1e-9)
+    exact = CollapseAccumulator(K, H.shape[1])
+    exact.update(H64, y)
+    assert exact.compute()["nc1_pinv"] > 1e3 * expected
+    assert exact.merge(back).compute()["nc1_pinv"] < 2 * expected  # merge keeps float32's ε
+
+
+def test_nc1_pinv_refuses_means_that_differ_only_at_the_features_rounding():
+    # float32 features near 1e3 whose class means differ by one float32 step (6.1e-5): above
+    # the float64 rounding of the means, below the features' own precision.
+    step = float(np.spacing(np.float32(1e3)))
+    y = np.repeat(np.arange(3), 4)
+    H = np.full((12, 8), 1e3, dtype=np.float32)
+    H[:, 0] += (y * step).astype(np.float32)
+    with pytest.raises(ValueError, match="differ only at the rounding of the features"):
+        collapse.nc1_pinv(H, y)
+    values = measure(H, y, strict=False)
+    assert np.isnan(values["nc1_pinv"]) and values["nc1"] == 0.0
+    acc = CollapseAccumulator(3, 8)
+    acc.update(H, y)
+    assert np.isnan(acc.compute(strict=False)["nc1_pinv"])
+
+
+def test_from_state_rejects_a_bad_input_eps():
+    good = {"counts": np.array([2.0, 3.0]), "shifted_means": np.zeros((2, 3)),
+            "sum_squares": np.ones(2)}
+    for bad, message in [(0.0, "machine epsilon"), (1.5, "machine epsilon"),
+                         (np.nan, "NaN or inf"), (np.ones(2), r"has shape \(2,\)")]:
+        with pytest.raises(ValueError, match=message):
+            CollapseAccumulator.from_state({**good, "input_eps": np.asarray(bad)})
+
+
+def test_extreme_scales_give_the_metrics_of_scale_one_or_a_refusal():
+    # Every metric is scale-invariant. Before, features near 1e300 overflowed their squares
+    # (NaN, or an OverflowError-like warning) and near 1e-160 lost digits silently.
+    rng = np.random.default_rng(32)
+    H, y = random_data([4, 5, 3], 3, rng)
+    m, (G, _) = measure(H, y), gram(H, y)
+    for scale in (2.0**-1000, 1e-300, 1e-160, 1e160, 1e300, 2.0**1000):
+        assert_dicts_close(measure(H * scale, y), m, rtol=1e-12)
+        np.testing.assert_allclose(gram(H * scale, y)[0], G, rtol=0, atol=1e-14)
+        acc = CollapseAccumulator(3, 3)
+        acc.update(H[:4], y[:4])
+        with pytest.raises(ValueError, match="outside .*rescale the features"):
+            acc.update(H[4:] * scale, y[4:])
+        assert acc.count == 4  # a refused batch leaves the accumulator as it was
+
+
 def test_cdnv_matches_double_loop():
     rng = np.random.default_rng(7)
     counts = [3, 8, 1, 5]
@@ -568,10 +729,12 @@ def test_state_is_public_float64_and_round_trips():
     H, y = random_data([4, 6, 5], 5, rng)
     acc = fed(H, y, 3, [np.arange(7), np.arange(7, len(y))])
     state = acc.state()
-    assert list(state) == ["counts", "shifts", "shifted_means", "sum_squares", "scatter"]
+    assert list(state) == ["counts", "shifts", "shifted_means", "sum_squares", "scatter",
+                           "input_eps"]
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes == {"counts": (3,), "shifts": (3, 5), "shifted_means": (3, 5),
-                      "sum_squares": (3,), "scatter": (5, 5)}
+                      "sum_squares": (3,), "scatter": (5, 5), "input_eps": ()}
+    assert float(state["input_eps"]) == np.finfo(np.float64).eps  # float64 batches only
     assert all(v.dtype == torch.float64 for v in state.values())
     np.testing.assert_array_equal(state["counts"].numpy(), [4, 6, 5])
     np.testing.assert_allclose((state["shifts"] + state["shifted_means"]).numpy(),
@@ -703,3 +866,104 @@ def test_all_reduce_over_gloo_gives_every_rank_the_merged_statistics(tmp_path):
     assert_dicts_close(only.compute(), expected, rtol=1e-12)
     for r in range(2):
         assert "all ranks must agree" in results[r]["mismatch"], results[r]["mismatch"]
+
+
+METRIC_FUNCTIONS = ("nc1", "nc1_authors", "cdnv", "nc2", "nc2_squared", "nc2_orthogonal",
+                    "within_total", "between_total", "equinorm", "equiangular")
+
+
+@pytest.mark.parametrize("name", METRIC_FUNCTIONS)
+def test_each_metric_honours_num_classes(name):
+    # labels 0..2: num_classes=4 declares an empty class 3 (refused), num_classes=2 a label
+    # out of range (refused); without num_classes K = 3 is inferred
+    import agop.collapse as collapse_module
+
+    f = getattr(collapse_module, name)
+    rng = np.random.default_rng(0)
+    H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
+    assert f(H, y) == f(H, y, num_classes=3)
+    with pytest.raises(ValueError, match="no samples"):
+        f(H, y, num_classes=4)
+    with pytest.raises(ValueError, match="^y must hold labels in 0..1"):
+        f(H, y, num_classes=2)
+
+
+def test_gram_checks_its_inputs_and_names_them():
+    from agop.collapse import gram
+
+    rng = np.random.default_rng(1)
+    H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
+    with pytest.raises(ValueError, match="^y must hold labels in 0..1"):
+        gram(H, y, num_classes=2)
+    with pytest.raises(ValueError, match="no samples"):
+        gram(H, y, num_classes=4)
+    with pytest.raises(ValueError, match="^y has 11 label"):
+        gram(H, y[:-1])
+    bad = H.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="^H "):
+        gram(bad, y)
+
+
+def _row_near_global_mean(offset):
+    """40 rows in 2 classes whose global mean μ_G is 0 to rounding; row 0 is ``offset``·e₁ away
+    from it, every other row has norm about 1."""
+    rng = np.random.default_rng(2)
+    U = rng.normal(size=(19, 3))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    e = np.array([offset, 0.0, 0.0])
+    H = np.concatenate([e[None], U, -e[None], -U])  # class 0: rows 0..19, class 1: the mirror
+    y = np.repeat([0, 1], 20)
+    return H, y
+
+
+def test_gram_refuses_a_row_at_the_global_mean_to_rounding_of_the_largest_row():
+    # the tolerance is 4·N·ε·max‖h_i‖ ≈ 3.6e-14 here (N = 40): not N·ε of ‖H‖_F (6× larger),
+    # nor D·ε (13× smaller)
+    from agop.collapse import gram
+
+    G, _ = gram(*_row_near_global_mean(1e-13))  # 3× the tolerance: a direction, kept
+    assert G[0, 0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="^row 0 of H equals the global mean"):
+        gram(*_row_near_global_mean(1e-14))  # below it: no direction
+
+
+def test_nc1_pinv_honours_num_classes():
+    rng = np.random.default_rng(0)
+    H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
+    assert collapse.nc1_pinv(H, y) == collapse.nc1_pinv(H, y, num_classes=3)
+    with pytest.raises(ValueError, match="no samples"):
+        collapse.nc1_pinv(H, y, num_classes=4)
+
+
+def test_accumulator_errors_name_the_argument():
+    with pytest.raises(ValueError, match="^num_classes must be an integer ≥ 2"):
+        CollapseAccumulator(1, 3)
+    with pytest.raises(ValueError, match="^dim must be an integer ≥ 1"):
+        CollapseAccumulator(3, 0)
+    acc = CollapseAccumulator(3, 2)
+    with pytest.raises(ValueError, match="^H_batch "):
+        acc.update(np.array([[np.nan, 0.0]]), np.array([0]))
+    with pytest.raises(ValueError, match="^y_batch has 2 label"):
+        acc.update(np.ones((1, 2)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="^y_batch must hold labels in 0..2"):
+        acc.update(np.ones((1, 2)), np.array([3]))
+
+
+def test_merge_leaves_the_other_accumulator_unchanged():
+    rng = np.random.default_rng(5)
+    H, y = rng.normal(size=(30, 4)), np.arange(30) % 3
+    a, b = CollapseAccumulator(3, 4), CollapseAccumulator(3, 4)
+    a.update(H[:15], y[:15])
+    b.update(H[15:], y[15:])
+    before = {k: v.clone() for k, v in b.state().items()}
+    a.merge(b)
+    a.update(H[:5], y[:5])  # a's statistics change in place after the merge
+    assert all(torch.equal(v, b.state()[k]) for k, v in before.items())
+
+
+def test_measure_honours_num_classes():
+    rng = np.random.default_rng(0)
+    H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
+    with pytest.raises(ValueError, match="no samples"):
+        measure(H, y, num_classes=4)

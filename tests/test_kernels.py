@@ -117,3 +117,77 @@ def test_class_groups_partition_and_skip_empty_classes():
     y = torch.tensor([2, 0, 2, 2, 0])
     groups = class_groups(y, 4)
     assert [g.tolist() for g in groups] == [[1, 4], [0, 2, 3]]
+
+
+def test_kernels_compare_and_hash_by_type_and_bandwidth():
+    from agop.kernels import GaussianKernel, LaplaceKernel
+
+    assert LaplaceKernel(2.0) == LaplaceKernel(2.0) and hash(LaplaceKernel(2.0)) == hash(
+        LaplaceKernel(2.0))
+    assert LaplaceKernel(2.0) != GaussianKernel(2.0)
+    assert LaplaceKernel(2.0) != LaplaceKernel(3.0)
+    assert hash(LaplaceKernel(2.0)) != hash(GaussianKernel(2.0))
+    assert hash(LaplaceKernel(2.0)) != hash(LaplaceKernel(3.0))
+
+
+def test_kernel_defaults_repr_and_argument_checks():
+    assert LaplaceKernel().bandwidth == 2.0 and GaussianKernel().bandwidth == 2.0  # the paper's L
+    assert get_kernel("laplace").bandwidth == 2.0
+    k = LaplaceKernel(3.0)
+    assert get_kernel(k) is k
+    assert repr(LaplaceKernel(2.0)) == "LaplaceKernel(bandwidth=2)"
+    with pytest.raises(ValueError, match="^bandwidth must"):
+        LaplaceKernel(0.0)
+    with pytest.raises(ValueError, match="^X must be a 2-D"):
+        LaplaceKernel()(torch.ones(3))
+    with pytest.raises(ValueError, match="^Z must be a 2-D"):
+        LaplaceKernel()(torch.ones(3, 2), torch.ones(2))
+    # finiteness is not checked here (callers validate once, upstream): NaN propagates
+    X = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])
+    assert bool(torch.isnan(LaplaceKernel()(X)[1, 0]))  # (the self term is 1 by index)
+    assert bool(torch.isnan(LaplaceKernel()(X, X.clone())[1]).all())
+
+
+def test_kernel_matrix_passes_the_groups_on(monkeypatch):
+    import agop.kernels as kernels_module
+
+    seen = []
+    real = kernels_module.pairwise_distances
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("groups"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels_module, "pairwise_distances", spy)
+    X, y = _collapsed(K=2, per=3, D=4)
+    groups = class_groups(y)
+    LaplaceKernel()(X, groups=groups)
+    assert seen == [groups]
+
+
+def test_squared_distances_are_the_squares():
+    g = torch.Generator().manual_seed(4)
+    X, Z = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g,
+                                                                             dtype=torch.float64)
+    d = pairwise_distances(X, Z)
+    assert torch.allclose(pairwise_distances(X, Z, squared=True), d * d, rtol=1e-12)
+    assert torch.allclose(d, torch.cdist(X, Z), rtol=1e-10)
+
+
+def test_results_stay_on_the_inputs_device():
+    # the meta device (shapes only) stands in for a GPU: nothing may be made on the CPU
+    X = torch.empty(6, 3, device="meta")
+    groups = [torch.arange(3, device="meta"), torch.arange(3, 6, device="meta")]
+    assert pairwise_distances(X, groups=groups).device.type == "meta"
+    assert pairwise_distances(X).device.type == "meta"
+
+
+def test_zero_self_handles_chunks_past_the_diagonal():
+    from agop.kernels import _zero_self
+
+    m = torch.ones(3, 2)
+    _zero_self(m, 1)  # rows 0..2 of a chunk starting at column 1: only (0, 1) is a self term
+    assert m.tolist() == [[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    m = torch.ones(2, 3)
+    _zero_self(m, 5)  # the chunk's self terms lie beyond its columns: nothing to do
+    assert bool((m == 1).all())

@@ -58,3 +58,59 @@ def test_gram_lower_blocks_equals_full_product(blocks):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(37, 11, generator=g, dtype=torch.float64)
     assert torch.allclose(gram_lower_blocks(W, blocks), W @ W.T, rtol=1e-13, atol=1e-13)
+
+
+def test_powers_of_a_singular_matrix():
+    M = torch.diag(torch.tensor([4.0, 1e-20, 0.0], dtype=torch.float64))
+    # p > 0 keeps every eigenvalue (no cut-off); p = 0 is the identity; p < 0 a pseudo-inverse
+    assert torch.allclose(psd_power(M, 0.5).diagonal(),
+                          torch.tensor([2.0, 1e-10, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.equal(psd_power(M, 0.0), torch.eye(3, dtype=torch.float64))
+    assert torch.allclose(psd_power(M, -1.0).diagonal(),
+                          torch.tensor([0.25, 0.0, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="^M contains"):
+        psd_power(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 0.5)
+
+
+def test_gram_lower_blocks_with_no_block_count():
+    W = torch.arange(12.0, dtype=torch.float64).reshape(4, 3)
+    assert torch.equal(gram_lower_blocks(W, 0), W @ W.T)  # at least one block
+
+
+# ----------------------------------------------------------------------------- M^{1/2} in float32
+def test_float32_square_root_is_within_its_bound_and_symmetric():
+    from agop.linalg import psd_sqrt, sqrt_float32_bound
+
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(300, 400, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 400,
+                                                                                dtype=torch.float64)
+    M = A @ A.T  # eigenvalues spread over ~8 decades, as an AGOP's are
+    info = {}
+    S = psd_sqrt(M, allow_float32=True, info=info)
+    ref = psd_power(M, 0.5)
+    err = float((S - ref).norm() / ref.norm())
+    bound = sqrt_float32_bound(M)
+    # the bound, written out: √(D ε₃₂ ‖M‖₂ / tr M), ‖M‖₂ estimated within a factor 1.1 above
+    top = float(torch.linalg.eigvalsh(M)[-1])
+    lo = (300 * 2.0**-23 * top / float(M.trace())) ** 0.5
+    assert lo <= bound <= 1.1**0.5 * lo * (1 + 1e-9)
+    assert info == {"sqrt_precision": "float32", "sqrt_bound": bound}
+    assert 1e-9 < err <= bound  # a float32 decomposition, inside its a-priori bound
+    assert S.dtype == torch.float64 and torch.equal(S, S.T)
+    assert psd_sqrt(M).dtype == torch.float64 and torch.equal(psd_sqrt(M), ref)  # default: float64
+
+
+def test_float32_square_root_falls_back_when_its_bound_is_too_large():
+    from agop.linalg import SQRT_FLOAT32_BOUND, psd_sqrt, sqrt_float32_bound
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(900, 900, generator=g, dtype=torch.float64))[0]
+    lam = torch.full((900,), 1e-9, dtype=torch.float64)
+    lam[0] = 1.0  # one direction carries the trace: the small ones' float32 error dominates
+    M = (Q * lam) @ Q.T
+    assert sqrt_float32_bound(M) > SQRT_FLOAT32_BOUND
+    info = {}
+    S = psd_sqrt(M, allow_float32=True, info=info)
+    assert info["sqrt_precision"] == "float64" and torch.equal(S, psd_power(M, 0.5))
+    # a zero (or non-positive) trace has no bound
+    assert sqrt_float32_bound(torch.zeros(3, 3)) == float("inf")

@@ -437,3 +437,232 @@ def test_rfm_kernels_step_is_the_ridgeless_laplace_predictors_agop():
     np.testing.assert_allclose(ks["laplace"], K.numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(ks["agop"], M.numpy(), rtol=1e-9, atol=1e-12 * float(M.abs().max()))
     assert ks["jitter"] == 0.0
+
+
+# ============================================================================ what the mutants showed
+@pytest.mark.parametrize("call, message", [
+    (lambda: th.relu_feature_distance(2.5), "^dist must lie in"),
+    (lambda: th.relu_feature_ratio(-0.1), "^dist must lie in"),
+    (lambda: th.relu_feature_ratio(np.nan), "^dist contains"),
+    (lambda: th.simulate_relu_features(3.0), "^dist must lie in"),
+    (lambda: th.simulate_relu_features(1.0, D=0), "^D must be"),
+    (lambda: th.simulate_relu_features(1.0, trials=1), "^trials must be an integer ≥ 2"),
+    (lambda: th.collapsed_gram_inverse(pm1(4), 0.0), "^lambda_phi must"),
+    (lambda: th.collapsed_fixed_point(0.1, 1.0, 4.0, iterations=0), "^iterations must"),
+    (lambda: th.contraction_rate([1.0, np.nan]), "^distances contains"),
+    (lambda: th.contraction_rate([0.0, 1.0]), "positive first one"),
+    (lambda: th.random_kernels(1), "^N must be an integer ≥ 2"),
+])
+def test_errors_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_simulation_defaults_and_standard_errors():
+    dist = np.array([0.3, 1.0, 1.7])
+    sim = th.simulate_relu_features(dist)
+    assert (sim.D, sim.trials) == (8192, 100)
+    explicit = th.simulate_relu_features(dist, D=8192, trials=100, seed=0)
+    assert np.array_equal(sim.inner, explicit.inner)
+    assert np.array_equal(sim.distance, explicit.distance)
+    # the standard errors are those of means of 100 trials of sums over 8192 i.i.d. terms:
+    # about 1e-3, so that "within 4 se" of the theory is a sharp test
+    assert np.all(sim.inner_se < 5e-3) and np.all(sim.distance_se < 5e-3)
+    assert np.all(np.abs(sim.inner - th.relu_feature_inner(1 - dist**2 / 2)) < 1e-2)
+    # two trials are enough to estimate a standard error
+    assert th.simulate_relu_features(dist, D=16, trials=2).trials == 2
+
+
+def test_sin_minus_theta_cos_is_accurate_on_both_sides_of_the_series_switch():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    theta = np.array([0.3, 0.999, 1.0, 1.3, 1.7, 1.99, 2.5, 3.1])
+    exact = np.array([float(mpmath.sin(t) - t * mpmath.cos(t))
+                      for t in (mpmath.mpf(float(x)) for x in theta)])
+    np.testing.assert_allclose(th._sin_minus_theta_cos(theta), exact, rtol=1e-15, atol=0)
+
+
+def test_collapsed_fixed_point_defaults_to_the_exact_kappa():
+    assert th.collapsed_fixed_point(0.3, 1.0, 8.0) == th.collapsed_fixed_point(0.3, 1.0, 8.0,
+                                                                                "exact")
+    assert th.collapsed_fixed_point(0.3, 1.0, 8.0) == pytest.approx(1.0, abs=1e-14)
+
+
+def test_contraction_rate_at_the_edges_of_its_fit():
+    assert th.contraction_rate([1.0, 0.5]) == pytest.approx(0.5, rel=1e-14)  # two entries
+    # an entry exactly at floor·d₀ is round-off floor, not fitted (d₀ ≠ 1 on purpose)
+    d0, floor = 4.0, 1e-12
+    assert th.contraction_rate([d0, 2.0, floor * d0], floor) == pytest.approx(0.5, rel=1e-14)
+    # float32 input is fitted in float64
+    d32 = (3.0 * 0.2 ** np.arange(8)).astype(np.float32)
+    slope = np.polyfit(np.arange(8), np.log(d32.astype(np.float64)), 1)[0]
+    assert th.contraction_rate(d32) == pytest.approx(math.exp(slope), rel=1e-13)
+
+
+def test_random_kernels_follow_their_documented_construction():
+    # rebuilt from the docstring with the same generator, draw by draw
+    N, seed = 9, 4
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for r in (2, 2, 18):  # 2, max(1, N // 4), 2N
+        B = np.abs(rng.standard_normal((N, r)))
+        G = B @ B.T
+        n = np.sqrt(np.diag(G))
+        expected[f"correlation-{r}"] = G / n[:, None] / n[None, :]
+    expected["laplace-gauss"] = np.exp(-distance.cdist(*(2 * [rng.standard_normal((N, 5))])) / 2)
+    expected["laplace-uniform"] = np.exp(-distance.cdist(*(2 * [rng.uniform(size=(N, 20))])) / 2)
+    expected["gaussian"] = np.exp(-distance.cdist(*(2 * [rng.standard_normal((N, 3))])) ** 2 / 2)
+    y = np.array([1.0] * 4 + [-1.0] * 5)
+    expected["near-collapsed"] = (0.95 * (np.outer(y, y) > 0) + 0.05 * expected["correlation-18"])
+    got = th.random_kernels(N, seed)
+    assert sorted(got) == sorted(expected)
+    for name, k in expected.items():
+        np.testing.assert_allclose(got[name], k, rtol=1e-12, atol=1e-15, err_msg=name)
+        assert np.all(np.diag(got[name]) == 1.0), name
+    assert np.array_equal(th.random_kernels(N)["gaussian"], th.random_kernels(N, 0)["gaussian"])
+    assert th.random_kernels(2)["correlation-1"].shape == (2, 2)  # max(1, N // 4) = 1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: th.kappa_value("exact", -0.1, 1.0, 4.0), "^lambda_k must"),
+    (lambda: th.kappa_value("exact", 0.1, -1.0, 4.0), "^lambda_phi must"),
+    (lambda: th.kappa_value("exact", 0.1, 1.0, 0.0), "^m must"),
+    (lambda: th.kappa_value(-0.5, 0.1, 1.0, 4.0), "^kappa must"),
+    (lambda: th.kappa_value("paper", 0.25, 1.0, 4.0), "≤ 0"),  # κ = 1 − 2·0.25·2 = 0 exactly
+    (lambda: th.linearized_deep_rfm(np.triu(np.ones((4, 4))), pm1(4), 0.1, 1.0, 2),
+     "^gram0 must be symmetric"),
+    (lambda: th.linearized_deep_rfm(np.eye(4), pm1(4), 0.1, 1.0, 0), "^depth must"),
+    (lambda: th.collapsed_kernel(np.array([1.0, 0.5])), "^y must hold ±1"),
+    (lambda: th.rfm_kernels(np.ones((4, 3)), np.array([1.0, 2.0, 1.0, -1.0])), "^y must hold ±1"),
+    (lambda: th.rfm_kernels(np.zeros((4, 3)), pm1(4)), "^X row 0"),
+])
+def test_theorem_errors_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_kappa_number_is_used_as_is_and_collapsed_kernel_is_float64():
+    assert th.kappa_value(0.9, 0.1, 1.0, 4.0) == 0.9
+    assert th.kappa_value(np.float32(0.5), 0.1, 1.0, 4.0) == 0.5
+    k = th.collapsed_kernel(np.array([1, -1, 1], dtype=np.float32))
+    assert k.dtype == np.float64
+    assert np.array_equal(k, [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: th.relu_feature_inner(1.5), r"^r must lie in \[-1, 1\]; got \S*1\.5\)?$"),
+    (lambda: th.relu_feature_inner([0.2, 0.3, -1.5]), r"^r must lie in .* at index \(2,\)$"),
+    (lambda: th.collapsed_kernel(np.array([1.0, -1.0, 0.5])),
+     r"^y must hold ±1 labels \(binary classification\); y\[2\] = "),
+    (lambda: th.collapsed_kernel(np.array([1.0, np.nan])), "^y contains"),
+    (lambda: th.collapsed_gram_inverse(np.array([[np.nan, 0.0], [0.0, 1.0]]), 1.0),
+     "^y contains"),
+    (lambda: th.collapsed_gram_inverse(np.zeros((4, 2)), 1.0), "orthogonal with equal norms"),
+    (lambda: th.krr_objective(np.triu(np.ones((3, 3))), np.ones(3), 1.0),
+     r"^k must be symmetric; k\[0, 1\]"),
+    (lambda: th.krr_objective(np.eye(3), np.array([1.0, np.nan, 0.0]), 1.0), "^y contains"),
+    (lambda: th.krr_objective(np.eye(3), np.ones(3), 0.0), "^mu must"),
+    (lambda: th.krr_bound(1, 1.0), "^n_total must be an integer ≥ 2"),
+    (lambda: th.krr_bound(4, -1.0), "^mu must"),
+    (lambda: th.krr_ratio(np.triu(np.ones((2, 2))), pm1(2), 1.0), "^k must be symmetric"),
+    (lambda: th.krr_ratio(np.diag([1.0, 1.5]), pm1(2), 1.0), r"k\[1, 1\] = \S*1\.5"),
+    (lambda: th.krr_ratio(np.array([[1.0, -0.5], [-0.5, 1.0]]), pm1(2), 1.0),
+     r"k\[0, 1\] = \S*-0\.5"),
+    (lambda: th.krr_ratio(np.eye(2), np.array([1.0, 2.0]), 1.0), "^y must hold ±1"),
+    (lambda: th.rfm_kernels(np.array([[1.0, np.nan], [0.0, 1.0]]), pm1(2)), "^X contains"),
+])
+def test_more_errors_name_the_argument_and_the_entry(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_domain_edges_and_scalar_results():
+    from agop.theory import _DOMAIN_TOL
+
+    # values within the round-off tolerance of the domain are clipped, not refused
+    assert th.relu_feature_inner(-1.0 - _DOMAIN_TOL) == th.relu_feature_inner(-1.0)
+    assert th.relu_feature_inner(1.0 + _DOMAIN_TOL) == 1.0
+    # a scalar in, a Python/NumPy scalar out (not a 0-d array); float32 in, float64 out
+    assert type(th.relu_feature_inner(0.3)) is np.float64
+    assert type(th.relu_feature_distance(0.3)) is np.float64
+    assert th.relu_feature_inner(np.array([0.3], dtype=np.float32)).dtype == np.float64
+    assert th.relu_feature_inner(np.float32(0.3)) == th.relu_feature_inner(float(np.float32(0.3)))
+    # a single ±1 label is a valid (if trivial) problem
+    assert np.array_equal(th.collapsed_kernel(np.array([1.0])), [[1.0]])
+
+
+def test_collapsed_targets_tolerance_is_relative_to_m():
+    # one-hot of 2 classes × 1 sample (m = 1) is allowed; YᵀY = m·I is checked to 1e-10·m
+    np.testing.assert_allclose(th.collapsed_gram_inverse(np.eye(2), 2.0),
+                               np.eye(2) / 2.0 - np.eye(2) / (2.0 * 3.0), rtol=1e-15)
+    Y = np.kron(np.eye(2), np.ones((2, 1))) * 10.0  # m = 200, tolerance 1e-10·m = 2e-8
+    near = Y.copy()
+    near[0, 0] += 7.5e-10  # (YᵀY)[0, 0] = m + 1.5e-8: within it
+    th.collapsed_gram_inverse(near, 1.0)
+    off = Y.copy()
+    off[0, 0] += 1e-8  # m + 2e-7: beyond it, though only 1e-9 of m (the check is absolute)
+    with pytest.raises(ValueError, match="orthogonal with equal norms"):
+        th.collapsed_gram_inverse(off, 1.0)
+
+
+def test_simulation_is_its_documented_monte_carlo():
+    # rebuilt from the docstring: x = e₁, y = r e₁ + √(1 − r²) e₂, W's first two columns
+    dist, D, trials, seed = np.array([[0.4, 1.2]]), 32, 6, 5
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((2, trials, D)) * math.sqrt(2.0 / D)
+    fx = np.maximum(w[0], 0.0)
+    sim = th.simulate_relu_features(dist, D=D, trials=trials, seed=seed)
+    assert sim.distance.shape == dist.shape and np.array_equal(sim.dist, dist)
+    for (i, j), d in np.ndenumerate(dist):
+        r = 1 - d**2 / 2
+        fy = np.maximum(r * w[0] + math.sqrt(1 - r * r) * w[1], 0.0)
+        dd, ip = np.linalg.norm(fx - fy, axis=1), (fx * fy).sum(axis=1)
+        assert sim.distance[i, j] == pytest.approx(dd.mean(), rel=1e-12)
+        assert sim.distance_se[i, j] == pytest.approx(dd.std(ddof=1) / math.sqrt(trials),
+                                                      rel=1e-12)
+        assert sim.inner[i, j] == pytest.approx(ip.mean(), rel=1e-12)
+        assert sim.inner_se[i, j] == pytest.approx(ip.std(ddof=1) / math.sqrt(trials), rel=1e-12)
+    sq = (fx * fx).sum(axis=1)
+    assert sim.sq_norm == pytest.approx(sq.mean(), rel=1e-12)
+    assert sim.sq_norm_se == pytest.approx(sq.std(ddof=1) / math.sqrt(trials), rel=1e-12)
+    scalar = th.simulate_relu_features(0.4, D=D, trials=trials, seed=seed)
+    assert np.ndim(scalar.distance) == 0 and scalar.distance == sim.distance[0, 0]
+
+
+def test_linearized_result_keeps_the_last_gram():
+    n = 6
+    res = th.linearized_deep_rfm(np.eye(n) + 0.1, pm1(n), 0.05, 1.0, 3)
+    y = pm1(n)
+    assert res.gram.shape == (n, n)
+    assert res.spectral[-1] == pytest.approx(np.linalg.norm(res.gram - np.outer(y, y), 2),
+                                             rel=1e-12)
+
+
+def test_rfm_kernels_take_integer_labels():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((8, 4))
+    y = np.array([1, -1] * 4)
+    a, b = th.rfm_kernels(X, y), th.rfm_kernels(X, y.astype(np.float64))
+    for key in ("laplace", "rfm"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-14)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: th.collapsed_gram_inverse(np.array([1.0, 0.5]), 1.0), "^y must hold ±1"),
+    (lambda: th.krr_objective(np.array([[np.nan]]), np.ones(1), 1.0), "^k contains"),
+    # symmetry is checked to 1e-10 · max(max|k|, 1): 1.5e-10 off on a kernel with entries ≤ 1
+    (lambda: th.krr_objective(np.array([[1.0, 0.5], [0.5 + 1.5e-10, 1.0]]), np.ones(2), 1.0),
+     "^k must be symmetric"),
+])
+def test_collapse_and_krr_errors_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_symmetry_and_sign_tolerances_scale_as_documented():
+    # 1e-10 off on entries of size 100 is within 1e-10·100 = 1e-8
+    k = np.array([[100.0, 50.0], [50.0 + 1e-10, 100.0]])
+    assert th.krr_objective(k, np.ones(2), 1.0) > 0
+    # an entry of exactly −1e-12 is round-off, accepted (below it: refused)
+    k = np.array([[1.0, -1e-12], [-1e-12, 1.0]])
+    assert th.krr_ratio(k, pm1(2), 1.0) == pytest.approx(1.0, abs=1e-9)

@@ -39,7 +39,7 @@ import torch
 from agop.backend import float64_slowdown, plan_rows
 from agop.choices import AGOP_METHODS
 from agop.kernels import RadialKernel, _zero_self, pairwise_distances
-from agop.linalg import gram_lower_blocks
+from agop.linalg import symmetric_product
 
 METHODS = AGOP_METHODS
 
@@ -348,7 +348,7 @@ def _gram_form(W: torch.Tensor, C: torch.Tensor, A: torch.Tensor, chunk_rows: in
         for i0 in range(0, N, rows):
             Wi = W[i0:i0 + rows]
             Ba[i0:i0 + rows] += ((Wi * Wi) @ A2).sqrt_()
-    Q = gram_lower_blocks(W, blocks=max(2, min(16, N // 512)))  # W² = W Wᵀ
+    Q = symmetric_product(W)  # W² = W Wᵀ
     AB, BA = torch.cat([A, B], dim=1), torch.cat([B, A], dim=1)  # [A B][B A]ᵀ = ABᵀ + BAᵀ
     if estimate:
         AaBa, BaAa = torch.cat([Aa, Ba], dim=1), torch.cat([Ba, Aa], dim=1)

@@ -17,6 +17,7 @@ number of rows per chunk.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterator
 
@@ -154,13 +155,36 @@ def free_memory(device: torch.device | str) -> int:
 def memory_budget(device: torch.device | str, fraction: float = 0.5) -> int:
     """A working-memory budget in bytes: ``fraction`` of what is free on ``device`` now.
 
-    ``AGOP_MEMORY_GB`` in the environment caps the budget (useful on shared machines).
+    ``AGOP_MEMORY_GB`` in the environment caps the budget (useful on shared machines): a
+    positive number of GiB (unset or empty: no cap); anything else raises ValueError naming
+    the variable.
     """
     budget = int(free_memory(device) * fraction)
-    cap = os.environ.get("AGOP_MEMORY_GB")
-    if cap:
-        budget = min(budget, int(float(cap) * 1024**3))
+    cap = memory_cap()
+    if cap is not None:
+        budget = min(budget, cap)
     return max(budget, 1)
+
+
+def memory_cap() -> int | None:
+    """The cap ``AGOP_MEMORY_GB`` sets on :func:`memory_budget`, in bytes (None: unset or empty).
+
+    Raises
+    ------
+    ValueError
+        The variable is not a finite number of GiB greater than 0 (e.g. ``abc``, ``0``, ``-1``).
+    """
+    text = os.environ.get("AGOP_MEMORY_GB", "").strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"AGOP_MEMORY_GB must be a number of GiB greater than 0 (e.g. 8 or "
+                         f"0.5), or unset for no cap; got {text!r}")
+    return max(int(gib * 1024**3), 1)
 
 
 def plan_rows(bytes_per_row: int, total_rows: int, device: torch.device | str,

@@ -7,7 +7,9 @@ produced from Python with the same names (see the README).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from typing import Sequence
 
 from agop import __version__, choices
@@ -16,6 +18,22 @@ from agop import __version__, choices
 def _die(msg: str) -> int:
     print(f"agop: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a file that could not be written or read (an unwritable --out: a read-only
+    file system, a file where a folder should be, /proc or /sys, a full disk)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename
+    if where is None:
+        return what
+    also = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return f"{where}{also}: {what}"
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning of a command as one line on stderr (``agop: warning: ...``)."""
+    return f"agop: warning: {message}\n"
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -101,15 +119,13 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_rfm(args: argparse.Namespace) -> int:
-    import os
-
     from agop.distributed import launched_by_torchrun
     from agop.experiments.rfm import run_rfm, summary_text
 
     try:
         run = run_rfm(out=args.out, resume=args.resume, progress=args.progress,
                       **_settings(args, run_rfm))
-    except (ValueError, FileNotFoundError, MemoryError):
+    except (ValueError, OSError, MemoryError):
         # under torchrun rank 0 prints: a refused input is refused on every rank alike, and a
         # rank that fails alone has named itself on stderr (agop.distributed.session)
         if launched_by_torchrun() and os.environ["RANK"] != "0":
@@ -194,8 +210,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                     "command again after an interruption to continue where it stopped.")
     p.add_argument("--scale", choices=tuple(SCALES), default="quick",
                    help="quick (default): 3-7 minutes on 2 CPU cores; paper: the paper's "
-                        "sizes (50,000 points, 20 layers, 250 epochs), for a GPU; tiny: seconds, "
-                        "a smoke test (see docs/report.md)")
+                        "sizes (50,000 points, 20 layers, 250 epochs; hours on a CPU: see "
+                        "--dry-run); tiny: seconds, a smoke test (see docs/report.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan with each run's size, solver and estimated time on this "
+                        "machine (a short calibration, ~20 s), and run nothing")
     p.add_argument("--datasets", default=None, metavar="LIST",
                    help="comma-separated datasets, e.g. digits,mnist (default: digits and each of "
                         "mnist, cifar10, svhn found under the data root)")
@@ -214,6 +233,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from agop.report import reproduce
 
     names = None if args.datasets is None else [d for d in args.datasets.split(",") if d.strip()]
+    if args.dry_run:
+        from agop.report.plan import dry_run, format_dry_run
+
+        device = "cuda" if args.device == "cuda" else "cpu"
+        rows, cal = dry_run(args.scale, names, args.data_dir, device=device)
+        print(format_dry_run(rows, cal, args.scale))
+        return 0
     try:
         report = reproduce(args.out, scale=args.scale, datasets=names, device=args.device,
                            data_dir=args.data_dir, progress=args.progress, pdf=args.pdf)
@@ -266,14 +292,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    shown = warnings.formatwarning  # only the text changes: recorders (pytest) still record
+    warnings.formatwarning = _warning_line
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, MemoryError) as exc:
+    except (ValueError, MemoryError) as exc:
         return _die(str(exc))
+    except BrokenPipeError:  # the reader of the output went away (agop ... | head): quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more is written to it
+        return 141
+    except OSError as exc:  # FileNotFoundError of agop's own has a message and no file name
+        return _die(_os_error(exc))
     except KeyboardInterrupt:
         print("\nagop: interrupted; finished steps are saved (continue with --resume DIR)",
               file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":  # pragma: no cover

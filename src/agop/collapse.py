@@ -21,10 +21,18 @@ Conventions (where the literature disagrees):
   to 0 for ``nc2_orthogonal``, two equal class means for ``cdnv``), a ``ValueError`` says so.
   "Equal" means within the rounding of an average of N values: distance ≤ 4·N·ε·max_c ‖μ_c‖
   (ε the float64 machine epsilon; ‖x_i‖ instead of ‖μ_c‖ for ``gram``).
+- Features of magnitude beyond 2^±480 are first multiplied by an exact power of two (every
+  metric is scale-invariant), so squares neither overflow nor underflow; the accumulator, which
+  cannot rescale what it has summed, refuses such batches.
+- ``nc1_pinv`` inverts Σ_B only along the directions that rounding cannot account for: the
+  cutoff (:func:`_pinv_cutoff`) is relative to the largest singular value of the centered
+  means and allows for the precision of the features handed in (float32 features carry
+  rounding-level directions in their class means) and for the rounding of the N-term scatter.
 """
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import Callable
 
@@ -51,6 +59,25 @@ __all__ = [
 ]
 
 _EPS = float(np.finfo(np.float64).eps)
+
+
+# Squares of values in [2⁻⁴⁸⁰, 2⁴⁸⁰] and sums of up to 2⁴⁰ of them stay normal float64 numbers.
+_SAFE_EXP = 480
+
+
+def _rescaled(X: torch.Tensor) -> torch.Tensor:
+    """X times a power of two that brings max |x| near 1 when it lies outside 2^±480.
+
+    Every metric is scale-invariant and the factor is exact, so this changes no metric; it
+    keeps the squares from overflowing (features near 1e300) or underflowing (near 1e-300).
+    Features already in range are returned as they are.
+    """
+    big = float(X.abs().max()) if X.numel() else 0.0
+    if big == 0.0 or 2.0**-_SAFE_EXP <= big <= 2.0**_SAFE_EXP:
+        return X
+    k = -math.frexp(big)[1]  # 2^k · big in [0.5, 1)
+    # two exact steps: 2^k alone is not a float64 for |k| > 1023 (subnormal features)
+    return X * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
 
 
 def _tol(n: int, scale: float) -> float:
@@ -92,7 +119,8 @@ def _host(t: torch.Tensor) -> np.ndarray:
 class _Stats:
     """Per-class sufficient statistics and the shared quantities every metric derives from.
 
-    ``within_quad(V)`` returns diag(Vᵀ Σ_W V) for a D × r matrix V (None: unavailable).
+    ``within_quad(V)`` returns diag(Vᵀ Σ_W V) for a D × r matrix V (None: unavailable);
+    ``input_eps`` is the machine epsilon of the dtype the features were handed in.
     """
 
     def __init__(
@@ -101,11 +129,13 @@ class _Stats:
         means: np.ndarray,
         ss: np.ndarray,
         within_quad: Callable[[np.ndarray], np.ndarray] | None,
+        input_eps: float = _EPS,
     ):
         self.counts = counts  # (K,)
         self.means = means  # (K, D)
         self.ss = ss  # (K,) Σ_{i∈c} ‖x_i − μ_c‖²
         self.within_quad = within_quad
+        self.input_eps = input_eps  # machine epsilon of the features' dtype (before float64)
         self.K = len(counts)
         self.n = int(counts.sum())
         self.mean_norms = np.linalg.norm(means, axis=1)
@@ -155,8 +185,26 @@ class _Stats:
         return float(np.sum(self.centered**2)) / self.K
 
 
+def _input_eps(a: ArrayLike) -> float:
+    """Machine epsilon of the floating dtype ``a`` holds; float64's for integers, bools, lists.
+
+    The features' own precision bounds how well their class means are known (see
+    :func:`_pinv_cutoff`): float32 features carry rounding at 1.2e-7 of their size.
+    """
+    if isinstance(a, torch.Tensor):
+        return float(torch.finfo(a.dtype).eps) if a.is_floating_point() else _EPS
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        return _EPS  # a nested sequence: np.asarray makes float64 or integers
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return _EPS
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else _EPS
+
+
 def _stats(H: ArrayLike, y: ArrayLike, num_classes: int | None) -> _Stats:
-    X = as_float64_tensor(H, "H")
+    X = _rescaled(as_float64_tensor(H, "H"))
     labels, K = as_labels(y, X.shape[0], num_classes=num_classes, name="y")
     counts, means, ss, resid = _grouped(X, labels, K)
 
@@ -165,7 +213,7 @@ def _stats(H: ArrayLike, y: ArrayLike, num_classes: int | None) -> _Stats:
         return _host(torch.sum(P * P, dim=0)) / X.shape[0]
 
     # only the K × D statistics leave the device; the N × D work stays where H is
-    return _Stats(counts, _host(means), _host(ss), within_quad)
+    return _Stats(counts, _host(means), _host(ss), within_quad, _input_eps(H))
 
 
 # --- metrics of the statistics ------------------------------------------------------------
@@ -179,14 +227,51 @@ def _nc1_authors(s: _Stats) -> float:
     return _nc1(s) / s.K
 
 
+# nc1_pinv drops every direction of Σ_B whose eigenvalue is below (1000·N)·ε of the largest:
+# along a kept direction the rounding of the N-term within-class sums (≤ N·ε·tr Σ_W) moves
+# its term v_jᵀΣ_W v_j / s_j² by at most 1/1000 of NC1 (see _pinv_cutoff).
+_PINV_MARGIN = 1000.0
+
+
+def _pinv_cutoff(s: _Stats, s_max: float) -> float:
+    """Singular values of the centered means at or below this are treated as 0 by nc1_pinv.
+
+    The largest of
+    - √(max(D, 1000·N)·ε)·s_max: an eigenvalue s²/K of Σ_B below max(D, 1000·N)·ε of the
+      largest. max(D, ·)·ε is the pseudo-inverse's usual relative cutoff (numpy's and torch's
+      default for the D × D Σ_B); 1000·N·ε bounds what the rounding of the N-term scatter sums
+      (|δ vᵀΣ_W v| ≤ N·ε·tr Σ_W, streamed or not) can add to a kept term: at most NC1/1000;
+    - √D·ε_in·r: the rounding of the features handed in (ε_in the machine epsilon of their
+      dtype, 1.2e-7 for float32; r² = Σ_c mean_{i∈c} ‖x_i‖²). Rounding every feature moves the
+      K × D centered means by at most ε_in·r/2 in spectral norm; √D is a margin for the
+      rounding the features picked up while being computed (a length-D dot product);
+    - s.tol: the rounding of the means as float64 averages of N values.
+    """
+    D = s.means.shape[1]
+    r = float(np.sqrt(np.sum(s.ss / s.counts + s.mean_norms**2)))
+    return max(float(np.sqrt(max(D, _PINV_MARGIN * s.n) * _EPS)) * s_max,
+               float(np.sqrt(D)) * s.input_eps * r, s.tol)
+
+
 def _nc1_pinv(s: _Stats) -> float:
     # Σ_B = MᵀM/K with M = U S Vᵀ (thin SVD of the K × D centered means), so
     # Σ_B⁺ = K V S⁻² Vᵀ and tr(Σ_W Σ_B⁺)/K = Σ_j v_jᵀ Σ_W v_j / s_j².
     _, S, Vt = np.linalg.svd(s.centered, full_matrices=False)
-    # Directions within the rounding of the means (s.tol) are not between-class directions;
-    # this also drops the one that Σ_c (μ_c − μ_G) = 0 leaves only to rounding.
-    keep = S > max(max(s.centered.shape) * _EPS * S[0], s.tol)
-    return float(np.sum(s.within_quad(Vt[keep].T) / S[keep] ** 2))
+    # Directions below the cutoff are rounding, not between-class directions (this also drops
+    # the one that Σ_c (μ_c − μ_G) = 0 leaves only to rounding). Keeping them divides the
+    # rounding of Σ_W by s_j² ~ 1e-18: any value, of either sign.
+    cutoff = _pinv_cutoff(s, float(S[0]))
+    keep = S > cutoff
+    if not keep.any():
+        raise ValueError(
+            f"the class means differ only at the rounding of the features (largest singular "
+            f"value of the centered means {S[0]:.3g} ≤ {cutoff:.3g}, the precision of "
+            f"{'float64' if s.input_eps <= _EPS else f'features with ε = {s.input_eps:.3g}'}), "
+            "so Σ_B has no direction to invert and nc1_pinv is undefined"
+        )
+    # vᵀΣ_W v ≥ 0; a streamed scatter can give −(rounding) where Σ_W vanishes along v
+    q = np.maximum(s.within_quad(Vt[keep].T), 0.0)
+    return float(np.sum(q / S[keep] ** 2))
 
 
 def _cdnv(s: _Stats) -> float:
@@ -294,9 +379,15 @@ def nc1_pinv(H: ArrayLike, y: ArrayLike, num_classes: int | None = None) -> floa
     """tr(Σ_W Σ_B⁺)/K, the NC1 of Papyan, Han & Donoho (2020), Σ_B⁺ the pseudo-inverse.
 
     Computed through the thin SVD of the K × D centered class means (no D × D pseudo-inverse):
-    Σ_W is only needed along the at most K − 1 directions the means span. Singular values of
-    the centered means below max(K, D)·ε·s_max or the rounding of the means (4·N·ε·max_c ‖μ_c‖,
-    ε the float64 epsilon) count as zero. Conventions as :func:`nc1`.
+    Σ_W is only needed along the at most K − 1 directions the means span. A singular value s_j
+    of the centered means counts as zero (its direction is left out of Σ_B⁺) at or below the
+    largest of √(max(D, 1000·N)·ε)·s_max, √D·ε_H·r and 4·N·ε·max_c ‖μ_c‖ (ε the float64
+    epsilon, ε_H that of H's dtype, r² = Σ_c mean_{i∈c} ‖x_i‖²): such directions are rounding,
+    in float32 features especially, and dividing by their s_j² ~ 1e-18 would give any number of
+    either sign. The value is ≥ 0; streamed in any batches, merged or computed here it
+    agrees to (K − 1)·NC1/1000 by the rounding bound, in practice to ~1e-12·NC1
+    (docs/collapse.md). Raises ValueError when no direction is left (the class means differ
+    only at the features' rounding). Conventions as :func:`nc1`.
     """
     return _nc1_pinv(_stats(H, y, num_classes))
 
@@ -388,7 +479,7 @@ def gram(
     μ_G is the mean of the class means, as in the metrics. A sample equal to μ_G has no
     direction: ValueError naming its row. Memory is N² floats.
     """
-    X = as_float64_tensor(H, "H")
+    X = _rescaled(as_float64_tensor(H, "H"))
     labels, K = as_labels(y, X.shape[0], num_classes=num_classes, name="y")
     Xc = X - _grouped(X, labels, K)[1].mean(dim=0)
     norms = torch.linalg.vector_norm(Xc, dim=1)
@@ -430,7 +521,7 @@ class CollapseAccumulator:
     as plain float64 tensors (:meth:`state` lists them) for saving or sending elsewhere.
     """
 
-    STATE_KEYS = ("counts", "shifts", "shifted_means", "sum_squares", "scatter")
+    STATE_KEYS = ("counts", "shifts", "shifted_means", "sum_squares", "scatter", "input_eps")
 
     def __init__(self, num_classes: int, dim: int, *, pinv: bool = True,
                  device: str | torch.device | None = None):
@@ -444,6 +535,7 @@ class CollapseAccumulator:
         """Forget every batch seen."""
         self._counts = np.zeros(self.num_classes, dtype=np.int64)
         self._shift = self._mean = self._ss = self._scatter = None  # allocated by update
+        self._input_eps = _EPS  # the coarsest dtype fed so far (float64: nothing coarser)
 
     def _allocate(self, device: torch.device) -> None:
         K, D = self.num_classes, self.dim
@@ -490,6 +582,15 @@ class CollapseAccumulator:
             y_batch, X.shape[0], num_classes=self.num_classes, name="y_batch",
             min_classes=1, require_all=False,
         )
+        big = float(X.abs().max())
+        if big > 2.0**_SAFE_EXP or 0 < big < 2.0**-_SAFE_EXP:
+            raise ValueError(
+                f"H_batch has values of magnitude up to {big:.3g}, outside "
+                f"[{2.0**-_SAFE_EXP:.2g}, {2.0**_SAFE_EXP:.2g}]: the accumulator's float64 sums "
+                "of squares would over- or underflow; rescale the features (no collapse metric "
+                "depends on their scale; collapse.measure rescales them itself)"
+            )
+        self._input_eps = max(self._input_eps, _input_eps(H_batch))
         if self._shift is None:
             self._allocate(self._device or X.device)
         X = X.to(self._shift.device)
@@ -534,7 +635,8 @@ class CollapseAccumulator:
                 return _host(torch.sum((S @ Vt) * Vt, dim=0)) / n
 
         means = _host(self._shift + self._mean)
-        return _all(_Stats(self._counts.copy(), means, _host(self._ss), quad), strict)
+        return _all(_Stats(self._counts.copy(), means, _host(self._ss), quad, self._input_eps),
+                    strict)
 
     # --- combining accumulators ---------------------------------------------------------
 
@@ -558,7 +660,9 @@ class CollapseAccumulator:
           (kept relative to s_c so that a tiny spread around a large mean keeps its digits);
         - ``"sum_squares"`` (K,): Σ_{i∈c} ‖x_i − μ_c‖², the within-class sum of squares;
         - ``"scatter"`` (D × D), only with ``pinv=True``: Σ_c Σ_{i∈c} (x_i − μ_c)(x_i − μ_c)ᵀ,
-          the within-class scatter (N·Σ_W).
+          the within-class scatter (N·Σ_W);
+        - ``"input_eps"`` (a 0-d tensor): the machine epsilon of the coarsest dtype fed (2⁻⁵² for
+          float64 and integers, 2⁻²³ for float32); ``nc1_pinv``'s cutoff depends on it.
 
         ``from_state(acc.state())`` is an accumulator equal to ``acc``. Every tensor has the same
         shape on every process with the same (K, D, pinv), so a process group can gather them;
@@ -576,6 +680,8 @@ class CollapseAccumulator:
         }
         if self._scatter is not None:
             out["scatter"] = self._scatter.clone()
+        out["input_eps"] = torch.tensor(self._input_eps, dtype=torch.float64,
+                                        device=self._shift.device)
         return out
 
     @classmethod
@@ -584,7 +690,8 @@ class CollapseAccumulator:
         """An accumulator holding the statistics ``state`` (the dict :meth:`state` returns).
 
         K and D are read from the shapes, ``pinv`` from whether ``"scatter"`` is present.
-        ``"shifts"`` may be left out (then s_c = 0 and ``"shifted_means"`` are the class means).
+        ``"shifts"`` may be left out (then s_c = 0 and ``"shifted_means"`` are the class means),
+        and ``"input_eps"`` too (then the statistics count as float64 data's).
         Tensors or arrays, any real dtype, are converted to float64; the state lives on
         ``device`` (default: that of ``"shifted_means"``). Raises ValueError on a missing or
         unknown key, a wrong shape, a count that is not a non-negative integer, or a value that
@@ -597,7 +704,7 @@ class CollapseAccumulator:
         if unknown or missing:
             raise ValueError(
                 f"state has unknown key(s) {unknown} / lacks {missing}; expected "
-                f"{list(cls.STATE_KEYS)} ('shifts' and 'scatter' optional)"
+                f"{list(cls.STATE_KEYS)} ('shifts', 'scatter' and 'input_eps' optional)"
             )
 
         def tensor(key: str) -> torch.Tensor:
@@ -617,7 +724,8 @@ class CollapseAccumulator:
             )
         K, D = means.shape
         dev = torch.device(device) if device is not None else means.device
-        shapes = {"counts": (K,), "shifts": (K, D), "sum_squares": (K,), "scatter": (D, D)}
+        shapes = {"counts": (K,), "shifts": (K, D), "sum_squares": (K,), "scatter": (D, D),
+                  "input_eps": ()}
         got = {k: tensor(k).to(dev) for k in shapes if k in state}
         for k, t in got.items():
             if tuple(t.shape) != shapes[k]:
@@ -628,6 +736,10 @@ class CollapseAccumulator:
         counts = _host(got["counts"])
         if np.any(counts < 0) or np.any(counts != np.round(counts)):
             raise ValueError(f"state['counts'] must be non-negative integers; got {counts}")
+        eps = float(got["input_eps"]) if "input_eps" in got else _EPS
+        if not _EPS <= eps < 1:
+            raise ValueError(f"state['input_eps'] must be a machine epsilon in [2⁻⁵², 1); "
+                             f"got {eps!r}")
         acc = cls(K, D, pinv="scatter" in got, device=dev)
         acc._allocate(dev)
         acc._counts = counts.astype(np.int64)
@@ -638,6 +750,7 @@ class CollapseAccumulator:
             acc._shift[seen] = got["shifts"][seen]
         if acc._scatter is not None:
             acc._scatter.copy_(got["scatter"])
+        acc._input_eps = eps
         return acc
 
     def merge(self, other: "CollapseAccumulator") -> "CollapseAccumulator":
@@ -663,6 +776,7 @@ class CollapseAccumulator:
         self._same_shape(other, "merge")
         if other.count == 0:
             return self
+        self._input_eps = max(self._input_eps, other._input_eps)
         if self._shift is None:
             self._allocate(self._device or other._shift.device)
         dev = self._shift.device
@@ -691,7 +805,7 @@ class CollapseAccumulator:
         Every rank of ``group`` (None: the default group) must call this. Afterwards every
         rank holds the same statistics, bit for bit: those of all the batches fed on all ranks
         (equal to one accumulator fed everything, to rounding). Each rank's :meth:`state` is
-        gathered (one ``all_gather`` of a flat float64 vector of 2K(D + 1) (+ D²) numbers per
+        gathered (one ``all_gather`` of a flat float64 vector of 2K(D + 1) + 1 (+ D²) numbers per
         rank, so world × that in memory) and the states are merged in rank order with
         :meth:`merge`, on the collective's device (CPU for gloo, the current CUDA device for
         NCCL); the result is moved back to this accumulator's device. Raises ValueError on
@@ -731,6 +845,7 @@ class CollapseAccumulator:
         if merged.count == 0:  # no rank has seen a sample: nothing to change
             return self
         self._counts = merged._counts
+        self._input_eps = merged._input_eps
         self._shift, self._mean, self._ss = (t.to(home) for t in
                                              (merged._shift, merged._mean, merged._ss))
         self._scatter = merged._scatter.to(home) if self.pinv else None

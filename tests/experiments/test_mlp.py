@@ -13,7 +13,7 @@ from _records import mlp_rows
 from agop.cli import main
 from agop.experiments.mlp import headline, run_mlp, summary_text
 from agop.experiments.records import read_csv
-from agop.models.mlp import Trainer
+from agop.models.mlp import MLP, Trainer
 
 
 # ----------------------------------------------------------------------------- headline
@@ -179,3 +179,100 @@ def test_resume_on_another_device_warns_and_records_it(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same device: no warning
         run_mlp(resume=tmp_path / "cut", device="cpu", epochs=4, progress=False)
+
+
+# ----------------------------------------------------------------------------- issue 13
+def test_sizes_and_memory_are_checked_before_the_run_folder(tmp_path, monkeypatch):
+    """--n 1 (one class), --n 5 (classes without a point) and a network too large for the
+    memory are refused before anything is written, so that the same --out works afterwards
+    (issue 13, item 8)."""
+    from agop.experiments.mlp import memory_needed
+
+    out = tmp_path / "run"
+    for n, why in ((1, "at least 2 classes"), (5, r"class\(es\) \[5, 6, 7, 8, 9\]")):
+        with pytest.raises(ValueError, match=why):
+            run_mlp(out, n=n, epochs=1, progress=False)
+        assert not out.exists()
+    with pytest.raises(MemoryError, match="width 200000, depth 2.* needs about .* TiB"):
+        run_mlp(out, width=200000, depth=2, epochs=1, progress=False)
+    assert not out.exists()
+    # the estimate against independent counts: parameters from the module, four copies in
+    # float32 (weights, gradients, Adam's two moments), and the data
+    for D, K, N, W, L in ((64, 10, 120, 16, 2), (3072, 10, 1000, 512, 5)):
+        P = sum(p.numel() for p in MLP(D, K, W, L).parameters())
+        need = memory_needed(D, K, N, 0, width=W, depth=L, batch_size=128)
+        assert need >= 16 * P + 4 * N * (D + K)
+        assert need < 16 * P + 4 * N * (D + K) + 8 * 10 * L * max(D, W) ** 2  # not absurd
+    monkeypatch.setenv("AGOP_MEMORY_GB", str(1e-4))  # 100 KiB: the default network is refused
+    with pytest.raises(MemoryError, match="is free; use a smaller --width"):
+        run_mlp(out, epochs=1, **{**_TINY, "width": 512})
+    assert not out.exists()
+    monkeypatch.delenv("AGOP_MEMORY_GB")
+    run = run_mlp(out, epochs=1, **_TINY)
+    assert run.config["memory_needed_bytes"] == memory_needed(64, 10, 120, 40, width=16, depth=2)
+
+
+def test_a_damaged_checkpoint_is_one_line_and_deleting_it_starts_over(tmp_path, monkeypatch):
+    """A checkpoint cut in half or holding another network's weights: one-line ValueError
+    naming the file and what to do; deleting it restarts the run, which then ends with the
+    numbers of an uninterrupted run (issue 13, item 5)."""
+    whole = run_mlp(tmp_path / "whole", epochs=3, **_TINY)
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_mlp(tmp_path / "cut", epochs=3, **_TINY)
+    monkeypatch.undo()
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    good = ckpt.read_bytes()
+    other = {**state, "model": {**state["model"], "99.weight": torch.zeros(2, 2)}}
+    for damage in (lambda: ckpt.write_bytes(good[: len(good) // 2]),
+                   lambda: torch.save(other, ckpt),
+                   lambda: torch.save({"epoch": "two"}, ckpt)):
+        damage()
+        with pytest.raises(ValueError) as exc:
+            run_mlp(resume=tmp_path / "cut", progress=False)
+        message = str(exc.value)
+        assert message.startswith(f"{ckpt} ") and "delete it" in message and "\n" not in message
+    # a metrics.csv cut at a line end is refused too: the checkpoint follows more rows
+    ckpt.write_bytes(good)
+    metrics = tmp_path / "cut" / "metrics.csv"
+    rows = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(rows[:-2]))
+    with pytest.raises(ValueError, match=f"{metrics} holds {len(rows) - 3} row"):
+        run_mlp(resume=tmp_path / "cut", progress=False)
+    metrics.write_text("".join(rows))
+    ckpt.unlink()
+    again = run_mlp(resume=tmp_path / "cut", progress=False)
+    assert (again.path / "metrics.csv").read_text() == (whole.path / "metrics.csv").read_text()
+
+
+def test_resume_notes_a_thread_change_and_reads_any_dataset_case(tmp_path, monkeypatch):
+    """A resume with another torch thread count warns and records it (item 9); --dataset
+    DIGITS is the run's digits (item 11); a metrics.csv that is not text is named."""
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_mlp(tmp_path / "cut", epochs=3, **_TINY)
+    monkeypatch.undo()
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    threads = config["threads"]
+    assert threads == torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(UserWarning, match=f"ran with {threads} CPU thread"):
+            run = run_mlp(resume=tmp_path / "cut", dataset="DIGITS", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert run.config["threads"] == threads + 1
+    assert run.config["threads_changed"] == [threads, threads + 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same count again: nothing to say
+        torch.set_num_threads(threads + 1)
+        try:
+            run_mlp(resume=tmp_path / "cut", epochs=4, progress=False)
+        finally:
+            torch.set_num_threads(before)
+    metrics = tmp_path / "cut" / "metrics.csv"
+    metrics.write_bytes(b"\x89PNG\r\n\x1a\n" + metrics.read_bytes())
+    with pytest.raises(ValueError, match=f"{metrics} is not a CSV file agop wrote"):
+        run_mlp(resume=tmp_path / "cut", epochs=5, progress=False)

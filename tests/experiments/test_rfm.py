@@ -268,3 +268,112 @@ def test_rfm_that_does_not_collapse_ends_with_a_summary(tmp_path, capsys):
     assert main(["rfm", "--bandwidth", "0.05", "--depth", "1", "--n", "300", "--width", "16",
                  "--test-n", "0", "--no-progress", "--out", str(tmp_path / "run")]) == 0
     assert "n/a" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- issue 13
+TINY = dict(n=150, test_n=40, depth=2, width=32, device="cpu")
+
+
+def _cut_after_layer_1(tmp_path, monkeypatch, name="cut"):
+    """A run killed inside layer 2: records and checkpoint of layer 1."""
+    original, calls = DeepRFM._step, {"n": 0}
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(DeepRFM, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_rfm(tmp_path / name, progress=False, **TINY)
+    monkeypatch.setattr(DeepRFM, "_step", original)
+    return tmp_path / name
+
+
+def test_a_damaged_checkpoint_is_one_line_and_deleting_it_starts_over(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Cut in half, a pickle that asks for os.system, an unknown parameter: --resume says, in
+    one line, which file and what to do; doing it (delete, resume) ends with the numbers of an
+    uninterrupted run (issue 13, item 5)."""
+    import os
+
+    full = run_rfm(tmp_path / "full", progress=False, **TINY)
+    cut = _cut_after_layer_1(tmp_path, monkeypatch)
+    ckpt = cut / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    state = torch.load(ckpt, weights_only=True)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    unknown = {**state, "model": {**state["model"],
+                                  "params": {**state["model"]["params"], "bogus": 1}}}
+    damages = {"half": lambda: ckpt.write_bytes(good[: len(good) // 2]),
+               "code": lambda: torch.save({"model": Payload()}, ckpt),
+               "unknown parameter": lambda: torch.save(unknown, ckpt),
+               "no model": lambda: torch.save({"rows": []}, ckpt)}
+    for what, damage in damages.items():
+        damage()
+        assert main(["rfm", "--resume", str(cut), "--no-progress"]) == 2, what
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert f"{ckpt} " in err and "delete it" in err and "weights_only" not in err, what
+    assert not (tmp_path / "pwned").exists()
+    ckpt.unlink()
+    again = run_rfm(resume=cut, progress=False)
+    assert (_strip(read_csv(again.path / "metrics.csv"))
+            == _strip(read_csv(full.path / "metrics.csv")))
+    # a finished run's metrics.csv cut afterwards: --resume rewrites it from the checkpoint
+    text = (cut / "metrics.csv").read_text()
+    (cut / "metrics.csv").write_text(text[:300])
+    assert again.record_problems() != []
+    run_rfm(resume=cut, progress=False)
+    assert (cut / "metrics.csv").read_text() == text and again.record_problems() == []
+
+
+def test_resume_removes_temporaries_and_notes_a_thread_change(tmp_path, monkeypatch):
+    """A kill inside an atomic write leaves .checkpoint.pt.XXXXXXXX.tmp: the resume removes it
+    (item 11). A resume under another thread count warns and records it (item 9)."""
+    cut = _cut_after_layer_1(tmp_path, monkeypatch)
+    (cut / ".checkpoint.pt.k2j3h4g5.tmp").write_bytes(b"half a checkpoint")
+    (cut / "gram" / ".layer_003.npz.abcd1234.tmp").write_bytes(b"")
+    threads = read_json(cut / "config.json")["threads"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(UserWarning, match=f"ran with {threads} CPU thread"):
+            run = run_rfm(resume=cut, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert [p.name for p in cut.rglob("*.tmp")] == []
+    config = read_json(cut / "config.json")
+    assert config["threads"] == threads + 1 and config["threads_changed"] == [threads, threads + 1]
+    assert run.is_complete
+
+
+def test_gram_and_centers_files_that_are_not_agops_are_named(tmp_path):
+    """An object-array or damaged .npz in gram/ and a centers.npy of the wrong kind: ValueError
+    naming the file, not numpy's bare message (item 11)."""
+    from agop.experiments.rfm import load_centers, load_grams
+
+    gram = tmp_path / "gram"
+    gram.mkdir()
+    np.savez(gram / "layer_001.npz", gram=np.eye(2, dtype=np.float32), labels=np.arange(2))
+    assert load_grams(tmp_path)[0][0] == 1
+    np.savez(gram / "layer_002.npz", gram=np.array([{"a": 1}], dtype=object), labels=np.arange(1))
+    with pytest.raises(ValueError, match="layer_002.npz is not a Gram snapshot"):
+        load_grams(tmp_path)
+    (gram / "layer_002.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="layer_002.npz is not a Gram snapshot"):
+        load_grams(tmp_path)
+    np.savez(gram / "layer_002.npz", gram=np.eye(3), labels=np.arange(2))
+    with pytest.raises(ValueError, match=r"layer_002.npz .*labels \(2,\)"):
+        load_grams(tmp_path)
+    np.save(tmp_path / "centers.npy", np.array(["a", "b"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="centers.npy is not the centers file"):
+        load_centers(tmp_path)
+    np.save(tmp_path / "centers.npy", np.array([0.5, 1.5]))
+    with pytest.raises(ValueError, match="centers.npy is not the centers file"):
+        load_centers(tmp_path)

@@ -114,8 +114,8 @@ def test_layer_steps_carry_stages_and_fit_information(digits):
     assert [s.layer for s in steps] == [1, 2, 3]
     assert [s.final for s in steps] == [False, False, True]
     assert [sorted(s.stages) for s in steps] == [["agop", "features", "input"]] * 2 + [["input"]]
-    for a, b in zip(steps, steps[1:]):
-        assert torch.equal(b.inputs, normalize_rows(a.stages["features"]))
+    for a, b in zip(steps, steps[1:]):  # (each layer in its own dtype: layer_dtype)
+        assert torch.equal(b.inputs, normalize_rows(a.stages["features"]).to(b.inputs.dtype))
     assert torch.equal(steps[0].y.cpu(), torch.as_tensor(y))  # indices into classes_ = 1..10
     assert [s.info for s in steps] == model.fit_info_
     for s in steps:
@@ -223,20 +223,112 @@ def test_transform_predict_score_agree_with_fit(digits):
 
 
 def test_float32_default_matches_float64_over_8_layers():
-    """The default dtype (float32 on CPU) gives the float64 per-layer NC1 within 1%.
+    """float32 (explicit, every layer) gives the float64 per-layer NC1 within 1% over 8 layers;
+    the default dtype="auto" (float32 whose AGOP layers compute in float64 when more than one,
+    layer_dtype) within rounding.
 
     8 layers collapse digits by > 100×: same-class distances fall to ~1e-3, where float32
     distances by ‖x‖² + ‖z‖² − 2xᵀz alone would break the ridgeless solve (see agop.kernels.pairwise_distances).
     """
     train = datasets.load("digits", n=500)
-    models = {dt: DeepRFM(depth=8, device="cpu", dtype=dt) for dt in ("auto", "float64")}
+    models = {dt: DeepRFM(depth=8, device="cpu", dtype=dt) for dt in ("auto", "float32", "float64")}
     runs = {dt: measure_fit(m, train.X, train.y) for dt, m in models.items()}
-    assert models["auto"].dtype_ == torch.float32
-    a, b = runs["auto"], runs["float64"]
-    assert [(r["layer"], r["stage"]) for r in a] == [(r["layer"], r["stage"]) for r in b]
-    rel = [abs(r["nc1"] - s["nc1"]) / s["nc1"] for r, s in zip(a, b)]
-    assert max(rel) < 0.01, rel
+    assert models["auto"].dtype_ == torch.float32 == models["float32"].dtype_
+    b = runs["float64"]
+    for dt, tol in (("float32", 0.01), ("auto", 1e-5)):
+        a = runs[dt]
+        assert [(r["layer"], r["stage"]) for r in a] == [(r["layer"], r["stage"]) for r in b]
+        rel = [abs(r["nc1"] - s["nc1"]) / s["nc1"] for r, s in zip(a, b)]
+        assert max(rel) < tol, (dt, rel)
     assert b[-1]["nc1"] < b[0]["nc1"] / 100
+    # the plan: auto runs layers 1..8 in float64 and the final solve in float32
+    assert [r["dtype"] for r in runs["auto"] if r["stage"] == "input"] == ["float64"] * 8 + ["float32"]
+    assert {r["dtype"] for r in runs["float32"]} == {"float32"}
+
+
+def test_precision_plan_of_auto(digits):
+    """dtype="auto": a depth-1 fit stays in float32; a deeper one computes and keeps its AGOP
+    layers in float64 and solves the final layer in float32; transform and the layer maps
+    follow the same plan, so they reproduce the fit's stages exactly."""
+    X, y, Xt, _ = digits
+    one = DeepRFM(depth=1, width=32, device="cpu")
+    steps = list(one.fit_iter(X, y))
+    assert [s.info["dtype"] for s in steps] == ["float32", "float32"]
+    assert steps[0].info["sqrt_precision"] == "float32"  # layer 1 of digits: within the bound
+    deep = DeepRFM(depth=3, width=32, device="cpu")
+    steps = list(deep.fit_iter(X, y))
+    assert [s.info["dtype"] for s in steps] == ["float64"] * 3 + ["float32"]
+    assert [s.inputs.dtype for s in steps] == [torch.float64] * 3 + [torch.float32]
+    assert all(s.info["sqrt_precision"] == "float64" for s in steps[:3])
+    assert steps[-1].info["sqrt_precision"] is None
+    for s in steps:
+        assert torch.equal(deep.transform(torch.as_tensor(X), layer=s.layer), s.inputs)
+        assert s.info["solve_residual"] <= 1e-5 and s.info["refinements"] >= 0
+    assert deep.X_fit_.dtype == torch.float32 and deep.transform(X).dtype == np.float32
+    # an explicit float32 keeps every layer in float32
+    plain = DeepRFM(depth=3, width=32, device="cpu", dtype="float32")
+    assert {s.info["dtype"] for s in plain.fit_iter(X, y)} == {"float32"}
+    # the memory plan counts the float64 layers
+    assert deep.memory_needed(2000, 64, 10) > plain.memory_needed(2000, 64, 10)
+    assert one.memory_needed(2000, 64, 10) == DeepRFM(
+        depth=1, width=32, device="cpu", dtype="float32").memory_needed(2000, 64, 10)
+
+
+def test_recorded_train_accuracy_is_what_score_gives(digits):
+    """train_acc of every layer is the accuracy of the layer's predictor at its training inputs,
+    the computation score() makes (issue: the Cholesky-fitted values said 1.0 where score()
+    said 0.983); the final layer's equals score(X, y) exactly."""
+    X, y, _, _ = digits
+    for kw in (dict(dtype="float32"), dict(dtype="auto"), dict(dtype="float64", ridge=1e-2)):
+        model = DeepRFM(depth=2, width=32, device="cpu", **kw)
+        steps = list(model.fit_iter(X, y))
+        for s in steps:
+            want = float((s.predict(s.inputs).argmax(1) == s.y).double().mean())
+            assert s.train_acc == want, (kw, s.layer)
+        assert steps[-1].train_acc == model.score(X, y)
+
+
+def test_identical_points_with_different_labels_are_refused_ridgeless():
+    """Two identical training points labelled differently: no ridgeless interpolant exists, and
+    what a solve returns is decided by rounding (the issue: train_acc 1.0, score 0.983). The fit
+    refuses up front and says which rows; with a ridge it fits, and records the accuracy score()
+    gives."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5))
+    y = np.arange(60) % 3
+    X[1] = X[0]
+    model = DeepRFM(depth=2, width=32, device="cpu")
+    with pytest.raises(ValueError, match=r"ridgeless Deep RFM cannot interpolate.*rows 0 and 1 "
+                                         r"have identical features but the labels 0 and 1.*"
+                                         r"ridge > 0"):
+        model.fit(X, y)
+    assert not model.fit_info_  # refused before any layer ran
+    # a row that is another one scaled is the same point once rows are normalized (by 2: the
+    # normalized rows are then identical to the bit)
+    X[1] = 2.0 * X[0]
+    with pytest.raises(ValueError, match="rows 0 and 1"):
+        DeepRFM(depth=1, width=32, device="cpu", standardize=False).fit(X, y)
+    X[1] = X[0]
+    model = DeepRFM(depth=2, width=32, device="cpu", ridge=1e-3)
+    steps = list(model.fit_iter(X, y))
+    assert steps[-1].train_acc == model.score(X, y)
+    assert steps[0].train_acc < 1.0  # rows 0 and 1 cannot both be right
+    assert all(s.info["solve_residual"] <= 1e-5 for s in steps)
+
+
+def test_recorded_solve_residual_is_that_of_the_final_coefficients(digits):
+    """fit_info_'s solve_residual is ‖Y − Kα‖/‖Y‖ of the returned α against the kernel matrix
+    of the fit (rebuilt here from X_fit_), in float64; a refined α is kept in float64."""
+    X, y, _, _ = digits
+    model = DeepRFM(depth=1, width=32, device="cpu", dtype="float32").fit(X, y)
+    info = model.fit_info_[-1]
+    K = kernel_matrix(model.kernel_, model.X_fit_, class_groups(model.y_fit_, 10))
+    Y = -torch.ones(len(y), 10, dtype=torch.float64)
+    Y[torch.arange(len(y)), model.y_fit_] = 1.0
+    r = float((Y - K.double() @ model.coef_.double()).norm() / Y.norm())
+    assert info["kernel_dtype"] == "float32" and info["solve_residual"] <= 1e-5
+    assert info["solve_residual"] == pytest.approx(r, rel=1e-3)
+    assert model.coef_.dtype == (torch.float64 if info["refinements"] else torch.float32)
 
 
 def test_shifted_distances_keep_collapsed_kernel_positive_definite():
@@ -563,3 +655,45 @@ def test_nystrom_works_in_a_grid_search(digits):
                           {"centers": [30, 60]}, cv=2).fit(X, y)
     assert search.best_params_["centers"] in (30, 60)
     assert 0.5 < search.best_score_ <= 1.0
+
+
+@pytest.mark.parametrize("features", ["gaussian", "uniform"])
+def test_each_layer_draws_the_next_w_from_one_generator_seeded_once(features):
+    # W_l is the l-th draw of one CPU generator seeded with `seed` at the start of the fit,
+    # also across a resume: re-seeding at each layer would give layers 2, 3, … (all width ×
+    # width) one and the same W, just as deterministically. Expected draws rebuilt here with
+    # torch.randn / torch.rand directly.
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(36, 6, generator=g, dtype=torch.float64).numpy()
+    y = np.arange(36) % 3
+    width, depth, seed = 12, 4, 3
+
+    gen = torch.Generator().manual_seed(seed)
+    expected = []
+    for d_in in [6] + [width] * (depth - 1):
+        if features == "gaussian":
+            expected.append(torch.randn(width, d_in, generator=gen, dtype=torch.float64)
+                            * (2.0 / width) ** 0.5)
+        else:
+            expected.append((torch.rand(width, d_in, generator=gen, dtype=torch.float64) * 2 - 1)
+                            / d_in**0.5)
+
+    model = DeepRFM(depth=depth, width=width, seed=seed, features=features, device="cpu")
+    model.fit(X, y)
+    assert len(model.weights_) == depth
+    for l, (W, E) in enumerate(zip(model.weights_, expected), start=1):
+        assert torch.allclose(W.cpu(), E, rtol=1e-15, atol=0.0), f"layer {l}"  # to rounding
+    assert not torch.equal(model.weights_[1], model.weights_[2])
+
+    part = DeepRFM(depth=depth, width=width, seed=seed, features=features, device="cpu")
+    for step in part.fit_iter(X, y):
+        if step.layer == 2:
+            break
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    buf.seek(0)
+    resumed = DeepRFM.from_state_dict(torch.load(buf, weights_only=True))
+    for _ in resumed.resume_iter():
+        pass
+    for l, (W, E) in enumerate(zip(resumed.weights_, expected), start=1):
+        assert torch.allclose(W.cpu(), E, rtol=1e-15, atol=0.0), f"layer {l} after a resume"

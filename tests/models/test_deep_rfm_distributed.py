@@ -63,3 +63,36 @@ def test_a_distributed_checkpoint_resumes_only_with_its_process_count():
     else:
         raise AssertionError("a 2-process checkpoint resumed in 1 process")
     assert np.array_equal(restored.classes_, np.arange(10))
+
+
+def _fit_failing_on_one_rank(what: str):
+    """A failure that happens on one rank only must end every rank with the error, not strand
+    the others in a collective: rank 0's M^{1/2} (computed there and broadcast), or one rank's
+    memory plan."""
+    import agop.models.deep_rfm as deep_rfm
+    from agop import nystrom
+
+    X, y = _shard()
+    rank = distributed.current().rank
+    if what == "sqrt" and rank == 0:
+        def broken(*args, **kwargs):
+            raise ValueError("the AGOP has a non-finite entry")
+        deep_rfm.psd_power = broken
+    if what == "plan" and rank == 1:
+        def tight(*args, **kwargs):  # 'auto' then picks tsqr on every rank; rank 1 fails it
+            raise MemoryError("the Nyström layer needs about 9 GB but the budget is 1 GB")
+        nystrom.plan = tight
+    try:
+        DeepRFM(depth=1, width=16, solver="nystrom", centers=40, device="cpu").fit(X, y)
+    except (ValueError, MemoryError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "fitted"
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_the_message():
+    out = _multiproc.run(_fit_failing_on_one_rank, 2, args=("sqrt",), timeout=60)
+    assert all(o.startswith("ValueError") and "rank 0" in o and "non-finite" in o
+               for o in out), out
+    out = _multiproc.run(_fit_failing_on_one_rank, 2, args=("plan",), timeout=60)
+    assert all(o.startswith("MemoryError") and "9 GB" in o for o in out), out
+    assert "another rank" in out[0] and "another rank" not in out[1]

@@ -149,3 +149,89 @@ def test_report_in_headless_chromium(tiny, tmp_path):
     assert [u for u in requests if u != url and not u.startswith("data:")] == []
     assert errors == []
     assert shot.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- issue 13
+def _copy_run(tiny, tmp_path, name="rfm-digits"):
+    run = tmp_path / name
+    shutil.copytree(tiny / "runs" / name, run)
+    return run
+
+
+def test_a_damaged_table_is_named_and_never_shown_as_the_result(tiny, tmp_path):
+    """metrics.csv cut to 3,000 bytes, cut at a line end, header only, changed, missing: a
+    warning on stderr, a notice on the page, and none of the run's numbers, verdicts or figures
+    (issue 13, item 4). The intact run beside it is reported as before."""
+    good = _copy_run(tiny, tmp_path, "mlp-digits")
+    run = _copy_run(tiny, tmp_path)
+    data = (run / "metrics.csv").read_bytes()
+    assert len(data) > 3000
+    header = data.split(b"\n", 1)[0] + b"\n"
+    damages = {"cut mid-line": (data[:3000], "ends in the middle of a line"),
+               "cut at a line end": (data[: data.rindex(b"\n", 0, 3000) + 1],
+                                     "but the finished run wrote"),
+               "header only": (header, "holds no rows"),
+               "changed": (data.replace(b"1.0,", b"0.5,", 1), "SHA-256 differs"),
+               "missing": (None, "is missing, but summary.json says the run finished")}
+    for what, (content, why) in damages.items():
+        if content is None:
+            (run / "metrics.csv").unlink()
+        else:
+            (run / "metrics.csv").write_bytes(content)
+        out = tmp_path / what.replace(" ", "-") / "r.html"
+        with pytest.warns(UserWarning, match="rfm-digits.*" + why):
+            build_report([run, good], out)
+        page = out.read_text()
+        assert 'id="damaged"' in page and why in page, what
+        numbers = json.loads(out.with_suffix(".json").read_text())
+        assert numbers["rfm"] == [] and all(c["run"] != "Deep RFM, digits (rfm-digits)"
+                                            for c in numbers["claims"]), what
+        assert [r["problems"] != [] for r in numbers["runs"]] == [True, False]
+        assert list(numbers["damaged"]) == ["rfm-digits"] and numbers["mlp"], what
+        assert "Deep RFM, digits (rfm-digits): NC1 of the layer input fell" not in page
+    # the command warns (one line on stderr: tests/test_cli.py) and still writes the page
+    with pytest.warns(UserWarning, match="is missing.*left out of the report") as seen:
+        assert main(["report", str(run), str(good), "--out", str(tmp_path / "c.html")]) == 0
+    assert len(seen) == 1 and (tmp_path / "c.html").is_file()
+
+
+def test_report_refuses_to_write_into_a_run_or_over_files_it_did_not_write(tiny, tmp_path,
+                                                                            capsys):
+    """--out RUN/summary.json, RUN/metrics.csv or anything in an input run folder, an --out
+    ending in .json, and an existing file agop did not write are refused before anything is
+    written; a report agop wrote is replaced (issue 13, item 6)."""
+    run = _copy_run(tiny, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for target in ("summary.json", "metrics.csv", "report.html", "figures/x.html"):
+        assert main(["report", str(run), "--out", str(run / target)]) == 2, target
+        err = capsys.readouterr().err
+        assert "would be written into the run folder" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert main(["report", str(run), "--out", str(tmp_path / "numbers.json")]) == 2
+    assert "same file" in capsys.readouterr().err
+    assert not (tmp_path / "numbers.json").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.html").write_text("my notes")
+    (mine / "notes.json").write_text('{"mine": true}')
+    assert main(["report", str(run), "--out", str(mine / "notes.html")]) == 2
+    assert "notes.html exists and is not a report agop wrote" in capsys.readouterr().err
+    (mine / "other.json").write_text('{"mine": true}')
+    assert main(["report", str(run), "--out", str(mine / "other.html")]) == 2
+    assert "other.json exists and is not the numbers file" in capsys.readouterr().err
+    assert not (mine / "other.html").exists()
+    (mine / "third_figures").mkdir()
+    (mine / "third_figures" / "rfm_nc1_all.png").write_bytes(b"my figure")
+    assert main(["report", str(run), "--out", str(mine / "third.html")]) == 2
+    assert "rfm_nc1_all.png exists" in capsys.readouterr().err
+    assert (mine / "notes.html").read_text() == "my notes"
+    assert (mine / "third_figures" / "rfm_nc1_all.png").read_bytes() == b"my figure"
+    # agop's own report, page, numbers and figures, is replaced by the next one
+    out = tmp_path / "report" / "r.html"
+    for _ in range(2):
+        assert main(["report", str(run), "--out", str(out)]) == 0
+    numbers = json.loads(out.with_suffix(".json").read_text())
+    assert numbers["generator"] == "agop report"
+    assert numbers["figures"] == [str(out.with_name("r_figures") / "rfm_nc1_all.png")]
+    assert '<meta name="generator" content="agop report' in out.read_text()

@@ -117,3 +117,55 @@ def test_reproduce_resumes_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(agop.experiments.mlp, "run_mlp", spy)
     report.reproduce(tmp_path / "out", **kw)
     assert [Path(c["resume"]) for c in calls] == [mlp] and RunDir.resume(mlp).is_complete
+
+
+def test_reproduce_refuses_an_out_holding_files_it_did_not_write(tiny, tmp_path):
+    """An unrelated folder's summary.json / report.html / timings.json / runs/<name>, or a run
+    folder as --out: refused before any work, nothing replaced (issue 13, item 6)."""
+    kw = dict(scale="tiny", datasets=["digits"], data_dir=tmp_path / "data", progress=False)
+    for name, text in (("summary.json", '{"mine": 1}'), ("report.html", "<p>mine</p>"),
+                       ("timings.json", '{"lunch": "12:30"}'), ("runs/mlp-digits/a.txt", "x")):
+        folder = tmp_path / name.replace("/", "-")
+        (folder / name).parent.mkdir(parents=True)
+        (folder / name).write_text(text)
+        with pytest.raises(ValueError, match="agop does not replace it|holds files but no run"):
+            report.reproduce(folder, **kw)
+        assert (folder / name).read_text() == text
+        assert not (folder / "runs" / "rfm-digits").exists()  # no work was started
+    run = tiny / "runs" / "rfm-digits"
+    with pytest.raises(ValueError, match="is a run folder"):
+        report.reproduce(run, **kw)
+    assert not (run / "report.html").exists() and not (run / "runs").exists()
+
+
+def test_paper_scale_adds_an_exact_cross_check_where_deep_rfm_is_nystrom(data_root, monkeypatch):
+    monkeypatch.setenv("AGOP_MEMORY_GB", "16")  # a laptop: 50,000 points exact do not fit
+    exps, _ = report.plan("paper", ["mnist", "cifar10", "digits"], data_root)
+    by = {e.name: e for e in exps}
+    assert by["rfm-mnist"].settings["n"] == 50000
+    assert by["rfm-mnist-exact"].settings == {"dataset": "mnist", "n": 10000, "depth": 20,
+                                              "solver": "exact"}
+    assert "rfm-cifar10-exact" not in by  # 10,000 points: the exact solver is the run itself
+    assert by["rfm-digits"].settings["centers"] == 1500  # never more centers than points
+    assert by["mlp-mnist"].settings["preset"] == "paper"
+
+
+def test_dry_run_prints_each_run_with_its_estimate_and_runs_nothing(data_root, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("AGOP_MEMORY_GB", "16")
+    from agop.experiments.estimate import Calibration
+    from agop.report.plan import dry_run, format_dry_run
+
+    cal = Calibration("cpu", 2, {"rfm_exact": 2e10, "rfm_nystrom": 2e10, "mlp_epoch": 1e10,
+                                 "mlp_measure": 1e10}, 12.0)
+    rows, _ = dry_run("paper", ["mnist"], data_root, calibration=cal)
+    by = {r["name"]: r for r in rows}
+    assert by["rfm-mnist"]["solver"] == "nystrom" and by["rfm-mnist-exact"]["solver"] == "exact"
+    assert by["mlp-mnist"]["n"] == 50000 and by["mlp-mnist"]["test_n"] == 10000
+    # twice the rate, half the estimate: the seconds come from the calibration, not constants
+    fast = Calibration("cpu", 2, {k: 2 * v for k, v in cal.rates.items()}, 12.0)
+    rows2, _ = dry_run("paper", ["mnist"], data_root, calibration=fast)
+    assert rows2[0]["seconds"] == pytest.approx(rows[0]["seconds"] / 2)
+    text = format_dry_run(rows, cal, "paper")
+    assert "rfm-mnist-exact" in text and "total" in text.splitlines()[-1]
+    assert not any(tmp_path.iterdir())

@@ -7,18 +7,21 @@ A run goes through the same five steps whatever it measures::
     run = start.create()                   # a new run's folder, once the data has loaded
     write_config(run, device=dev, dtype=dtype, data=data_config(train, test), ...)
     record_device(start, dev)              # on resume: warn and record a device change
+    record_threads(start)                  # ... and a change of torch's thread count
     checkpoint_loop(steps, on_step, total=..., initial=..., progress=..., desc=...)
 
 - :func:`merge_settings`: defaults, then the settings given (None means "not given").
 - :func:`start_run`: the out/resume rules. Give ``out`` (a new run) or ``resume`` (an existing
   one), not both; on resume, every explicit setting must equal the run's stored one (a setting
-  the stored config lacks counts as its default) except the ``free`` keys, and the checkpoint
-  is loaded (``weights_only=True``).
+  the stored config lacks counts as its default; dataset names compare by their canonical
+  name) except the ``free`` keys, the temporary files a killed writer left are removed, and
+  the checkpoint is loaded (``weights_only=True``; a damaged one is a one-line ValueError).
 - :func:`load_data`: the train split and, by one rule for every run kind, the test split.
 - :func:`data_config`: ``config["data"]``, one schema for every run kind: ``name``, ``train``,
   ``test``, ``dim``, ``classes``, ``class_names``, ``image_shape``.
 - :func:`write_config`: the device, dtype, threads and data of a run, into config.json.
-- :func:`record_device`: one rule for a device change on resume: warn and record the new one.
+- :func:`record_device`, :func:`record_threads`: one rule for a change of device or of torch's
+  thread count on resume (both change numbers by rounding): warn and record the new one.
 - :func:`checkpoint_loop`: run a step iterator, recording and checkpointing after each step
   (through the caller's ``on_step``), with a tqdm progress bar.
 
@@ -39,11 +42,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from agop.experiments.records import RunDir, default_run_dir
+from agop.experiments.records import RunDir, default_run_dir, remove_temporaries
 
 __all__ = ["Refused", "RunStart", "Shard", "checked", "checkpoint_loop", "data_config",
            "explicit_settings", "load_data", "load_shard", "merge_settings", "on_root",
-           "record_device", "start_run", "test_size", "write_config"]
+           "record_device", "record_threads", "start_run", "test_size", "write_config"]
 
 
 def explicit_settings(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,6 +162,8 @@ def start_run(kind: str, defaults: Mapping[str, Any], given: Mapping[str, Any], 
     """
     free = tuple(free)
     chosen = explicit_settings(given)
+    if "dataset" in chosen:  # "MNIST" and "mnist" are one dataset (ValueError if none)
+        chosen["dataset"] = _canonical_dataset(chosen["dataset"])
     if resume is None:
         settings = merge_settings(defaults, chosen)
         if complete is not None:
@@ -169,10 +174,22 @@ def start_run(kind: str, defaults: Mapping[str, Any], given: Mapping[str, Any], 
     run = RunDir.resume(resume, kind)
     # a setting the run's config lacks (added to the defaults later) has its default value
     stored = {**defaults, **run.settings}
+    if isinstance(stored.get("dataset"), str):  # a run stored before names were canonical
+        try:
+            stored["dataset"] = _canonical_dataset(stored["dataset"])
+        except ValueError:
+            pass  # not a known name: the loader says so
+    remove_temporaries(run.path)  # left by a writer that was killed; this run continues
     RunDir.check_settings(stored, {k: v for k, v in chosen.items() if k not in free})
     settings = {**stored, **{k: v for k, v in chosen.items() if k in free}}
     return RunStart(kind, settings, out=resume, run=run, checkpoint=run.load_checkpoint(),
                     resumed=True)
+
+
+def _canonical_dataset(name: Any) -> Any:
+    from agop.datasets import canonical_name
+
+    return canonical_name(name)
 
 
 def load_data(dataset: str, n: int | None = None, test_n: int | None = None,
@@ -359,6 +376,35 @@ def record_device(start: RunStart, device: Any, *, stacklevel: int = 3) -> None:
                       "numbers will differ from an uninterrupted run by rounding",
                       stacklevel=stacklevel)
         start.run.update_config(device=str(device))
+
+
+def record_threads(start: RunStart, *, stacklevel: int = 3) -> None:
+    """One rule for a change of torch's CPU thread count on resume, as for a device change.
+
+    The thread count changes how float sums are split, so a run continued with another count
+    than config.json's ``threads`` (recorded by :func:`write_config`) ends with numbers that
+    differ from an uninterrupted run by rounding: warn, and record the new count (``threads``)
+    and the change (``threads_changed``: every count the run has used, in order). Results are
+    not made independent of the count; ``OMP_NUM_THREADS`` set to the recorded one continues a
+    run exactly. A new run, or the same count, does nothing.
+
+    Parameters
+    ----------
+    start : RunStart
+        From :func:`start_run`.
+    stacklevel : int
+        Passed to :func:`warnings.warn`.
+    """
+    if not start.resumed or start.run is None:
+        return
+    before, now = start.run.config.get("threads"), torch.get_num_threads()
+    if before is None or int(before) == now:
+        return
+    warnings.warn(f"{start.run.path} ran with {before} CPU thread(s) and continues with {now}: "
+                  f"its numbers will differ from an uninterrupted run by rounding (set "
+                  f"OMP_NUM_THREADS={before} to continue it exactly)", stacklevel=stacklevel)
+    used = list(start.run.config.get("threads_changed") or [int(before)])
+    start.run.update_config(threads=now, threads_changed=used + [now])
 
 
 def checkpoint_loop(steps: Iterable[Any], on_step: Callable[[Any], Mapping[str, Any] | None], *,

@@ -17,7 +17,8 @@ from agop import backend
 from agop._validate import check_int, check_positive, finite_positive, metric_float
 from agop.models.mlp import MLP, PRESETS, STAGES, Trainer, measurement_epochs
 
-__all__ = ["MLP_DEFAULTS", "headline", "run_mlp", "summarize", "summary_text"]
+__all__ = ["MLP_DEFAULTS", "check_memory", "headline", "memory_needed", "run_mlp", "summarize",
+           "summary_text"]
 
 #: The settings of a new run that the preset does not fix (None: the dataset's default, all
 #: training points, all test points). ``lr``, ``init_scale`` and ``reset_optimizer`` come from
@@ -209,6 +210,65 @@ def _figures(run: Any, rows: list[dict[str, Any]], s: dict[str, Any], pdf: bool 
     figures.mlp_training(rows, run.figures_dir / "fig8_nfa_training", title=where, pdf=pdf)
 
 
+def memory_needed(dim: int, num_classes: int, n: int, n_test: int = 0, *, width: int = 512,
+                  depth: int = 5, batch_size: int = 128, itemsize: int = 4) -> int:
+    """Bytes an ``agop mlp`` run holds at its peak, estimated before anything is allocated.
+
+    The sum of: the data (N × D inputs and N × K targets, the test inputs, in the compute
+    dtype; int64 labels); the network's P parameters four times (weights, gradients, Adam's
+    two moments); a training batch's activations, forward and backward; and the measurement
+    (:func:`agop.models.mlp.probe`), which holds for every hidden layer at once the float64
+    SVD of W (and W's float64 copy), the K-output Jacobian Gram (width × width) and the D × D
+    within-class scatter of each of its three stages (input D_l, S Vᵀ r_l, output width),
+    then works on the largest of those matrices (three more of its size). The measurement's
+    batch is planned from the memory left (at least one row).
+
+    Parameters
+    ----------
+    dim, num_classes, n, n_test : int
+        D, K, N training and test points.
+    width, depth, batch_size : int
+        The network and the training batch.
+    itemsize : int
+        Bytes per element of the compute dtype (4: float32).
+
+    Returns
+    -------
+    int
+    """
+    ins = [dim] + [width] * (depth - 1)
+    params = sum(d * width for d in ins) + width * num_classes
+    data = (n * (dim + num_classes) + n_test * dim) * itemsize + 8 * (n + n_test)
+    train = 4 * params * itemsize + 2 * min(batch_size, n) * (dim + depth * width
+                                                             + num_classes) * itemsize
+    probe, largest = 0, 0
+    for d in ins:
+        r = min(width, d)
+        svd = 8 * (2 * width * d + width * r + r * d + r)
+        scatter = 8 * (d * d + r * r + width * width + 3 * num_classes * (d + r + width))
+        probe += svd + scatter + 8 * width * width
+        largest = max(largest, d, width)
+    return int(data + train + probe + 3 * 8 * largest * largest)
+
+
+def check_memory(dim: int, num_classes: int, n: int, n_test: int, settings: dict[str, Any],
+                 device: torch.device) -> int:
+    """Raise ``MemoryError`` (one line: the size needed, what is free, what to change) when
+    :func:`memory_needed` exceeds the memory free on ``device`` (capped by
+    ``$AGOP_MEMORY_GB``); else return the bytes needed."""
+    s = settings
+    need = memory_needed(dim, num_classes, n, n_test, width=s["width"], depth=s["depth"],
+                         batch_size=s["batch_size"])
+    have = backend.memory_budget(device, fraction=1.0)
+    if need > have:
+        raise MemoryError(
+            f"the MLP (width {s['width']}, depth {s['depth']}, {dim} inputs, {num_classes} "
+            f"classes) on {n:,} points needs about {backend.format_bytes(need)} on {device} "
+            f"but only {backend.format_bytes(have)} is free; use a smaller --width or --depth, "
+            f"or fewer points (--n)")
+    return need
+
+
 def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
             progress: bool = True, *, dataset: str | None = None, n: int | None = None,
             test_n: int | None = None, epochs: int | None = None,
@@ -256,7 +316,7 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
         The run folder.
     """
     from agop.experiments.common import (checkpoint_loop, data_config, load_data, record_device,
-                                         start_run, write_config)
+                                         record_threads, start_run, write_config)
 
     given = {"dataset": dataset, "n": n, "test_n": test_n, "epochs": epochs,
              "measure_every": measure_every, "lr": lr, "init_scale": init_scale,
@@ -269,9 +329,11 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
     s["epochs"] = check_int(s["epochs"], "epochs", minimum=0)
     if start.resumed and data_dir is None:
         data_dir = start.run.config.get("data_dir")
-    train, test = load_data(s["dataset"], s["n"], s["test_n"], data_dir)  # bad data: no folder
-    run = start.create()
+    train, test = load_data(s["dataset"], s["n"], s["test_n"], data_dir)
+    # every check before the run folder is made: bad sizes or too little memory leave nothing
     dtype = backend.default_dtype()
+    need = check_memory(int(train.X.shape[1]), train.num_classes, len(train),
+                        0 if test is None else len(test), s, dev)
     gen = torch.Generator().manual_seed(s["seed"])
     model = MLP(train.X.shape[1], train.num_classes, s["width"], s["depth"], s["init_scale"],
                 generator=gen).to(device=dev, dtype=dtype)
@@ -279,21 +341,46 @@ def run_mlp(out: str | os.PathLike | None = None, resume: str | os.PathLike | No
                       batch_size=s["batch_size"], reset_optimizer=s["reset_optimizer"],
                       generator=gen, X_test=None if test is None else test.X,
                       y_test=None if test is None else test.y,
-                      measure_batch_size=run.config.get("measure_batch_size"))
-    rows: list[dict[str, Any]] = []
+                      measure_batch_size=(start.run.config.get("measure_batch_size")
+                                          if start.resumed else None))
     state = start.checkpoint
     if state is not None:
-        if int(state["epoch"]) > s["epochs"]:
-            raise ValueError(f"the run's checkpoint is at epoch {state['epoch']}, beyond "
+        try:
+            at = int(state["epoch"])
+            trainer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                RuntimeError) as exc:
+            detail = (f"no {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args
+                      else (str(exc).strip().splitlines() or ["no message"])[0])
+            raise start.run.bad_checkpoint(f"does not hold the state of this MLP run "
+                                           f"({type(exc).__name__}: {detail})") from None
+        if at > s["epochs"]:
+            raise ValueError(f"the run's checkpoint is at epoch {at}, beyond "
                              f"epochs = {s['epochs']}")
-        trainer.load_state_dict(state)
+    run = start.create()
+    rows: list[dict[str, Any]] = []
+    if state is not None:
         schedule = set(measurement_epochs(s["epochs"], s["measure_every"]))
-        rows = [r for r in run.read_metrics()
-                if r["epoch"] <= trainer.epoch and r["epoch"] in schedule]
+        try:
+            recorded = run.read_metrics()
+        except ValueError as exc:  # the rows the checkpoint follows are lost
+            raise ValueError(f"{exc}; delete checkpoint.pt and --resume to start the run "
+                             f"over") from None
+        rows = [r for r in recorded if isinstance(r.get("epoch"), int)
+                and r["epoch"] <= trainer.epoch and r["epoch"] in schedule]
+        # the records the checkpoint follows: every scheduled epoch up to it, each stage of
+        # each layer (metrics.csv is written before the checkpoint it matches)
+        want = sum(e <= trainer.epoch for e in schedule) * s["depth"] * len(STAGES)
+        if len(rows) != want:
+            raise ValueError(f"{run.path / 'metrics.csv'} holds {len(rows)} row(s) up to epoch "
+                             f"{trainer.epoch} but the checkpoint follows {want}: it was cut or "
+                             f"changed; delete checkpoint.pt and --resume to start the run over")
     record_device(start, dev)
+    record_threads(start)
     write_config(run, device=dev, dtype=backend.dtype_name(dtype), data=data_config(train, test),
                  settings=s, data_dir=None if data_dir is None else str(data_dir),
                  measure_batch_size=trainer.measure_batch_size, preprocessing=_PREPROCESSING,
+                 memory_needed_bytes=need,
                  model={"hidden_bias": False, "readout_bias": False,
                         "hidden_init": f"xavier_uniform(gain={s['init_scale']})",
                         "readout_init": "pytorch default (kaiming_uniform, a=sqrt(5))"})

@@ -22,7 +22,8 @@ from agop._validate import check_int, finite_positive, metric_float, to_numpy
 from agop.backend import dtype_name, resolve_device, strict_fp32, synchronize
 from agop import distributed
 from agop.experiments.common import (Refused, checked, checkpoint_loop, data_config, load_data,
-                                     load_shard, on_root, record_device, start_run, write_config)
+                                     load_shard, on_root, record_device, record_threads,
+                                     start_run, write_config)
 from agop.models.deep_rfm import FIT_INFO, NYSTROM_INFO, DeepRFM, LayerStep, normalize_rows
 
 RFM_DEFAULTS: dict[str, Any] = {
@@ -68,14 +69,34 @@ def _save_gram(run: Any, layer: int, H: torch.Tensor, y: np.ndarray) -> None:
 
 
 def load_grams(path: Any) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """The stored Gram matrices of a run folder: (layer, G, labels in G's order), by layer."""
+    """The stored Gram matrices of a run folder: (layer, G, labels in G's order), by layer.
+
+    Read with ``allow_pickle=False``; a file that is not such a Gram snapshot (damaged, object
+    arrays, other contents) raises ValueError naming it.
+    """
     from pathlib import Path
 
     out = []
     for f in sorted((Path(path) / "gram").glob("layer_*.npz")):
-        with np.load(f, allow_pickle=False) as z:
-            out.append((int(f.stem.split("_")[1]), z["gram"], z["labels"]))
+        try:
+            layer = int(f.stem.split("_")[1])
+            with np.load(f, allow_pickle=False) as z:
+                G, labels = z["gram"], z["labels"]
+        except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise many kinds
+            raise ValueError(f"{f} is not a Gram snapshot agop wrote ({type(exc).__name__}: "
+                             f"{_first_line(exc)}); remove it (it is redrawn when its layer "
+                             f"runs again) or the gram/ folder") from None
+        n = G.shape[0] if G.ndim == 2 else -1
+        if G.ndim != 2 or G.shape[1] != n or labels.shape != (n,):
+            raise ValueError(f"{f} is not a Gram snapshot agop wrote (gram {G.shape}, labels "
+                             f"{labels.shape})")
+        out.append((layer, G, labels))
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -459,6 +480,18 @@ def measure_fit(model: DeepRFM, X: Any, y: Any, X_test: Any = None,
     return rows
 
 
+# what a checkpoint that loads but does not hold a Deep RFM state raises when it is restored
+# (an unknown or missing parameter, a wrong type or shape)
+_UNUSABLE = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError)
+
+
+def _not_a_state(exc: BaseException) -> str:
+    """Why a checkpoint that loaded cannot be restored, for :meth:`RunDir.bad_checkpoint`."""
+    detail = (f"no {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args
+              else _first_line(exc))
+    return f"does not hold the state of a Deep RFM run ({type(exc).__name__}: {detail})"
+
+
 def _restore(ckpt: dict[str, Any], device: Any) -> tuple[DeepRFM, LayerMeter, list[dict[str, Any]]]:
     """The model, meter and rows of a run's checkpoint (this format, or the format-1 one whose
     model state also held the rows and the test points)."""
@@ -658,9 +691,14 @@ def _prepare(comm: Any, given: dict[str, Any], out: Any, resume: Any) -> _Plan:
         if fresh:
             _check_sizes(s, N, K)
             model.check_memory(N, dim, K, n_test, world=comm.world)  # before the run folder
-        elif N != int(start.checkpoint["model"].get("n_total", N)):
-            raise ValueError(f"the run was fitted on {int(start.checkpoint['model']['n_total'])} "
-                             f"training points but the data now gives {N}; check --data-dir")
+        else:
+            try:
+                fitted = int(start.checkpoint["model"].get("n_total", N))
+            except _UNUSABLE as exc:
+                raise ValueError(f"the run's checkpoint.pt {_not_a_state(exc)}") from None
+            if N != fitted:
+                raise ValueError(f"the run was fitted on {fitted} training points but the data "
+                                 f"now gives {N}; check --data-dir")
         return _Plan(shard=shard, train=train, test=test, N=N, n_test=n_test, dim=dim)
 
     data = checked(comm, load)
@@ -676,6 +714,7 @@ def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: floa
     train, test = data.train, data.test
     if root:
         record_device(start, dev, stacklevel=4)
+        record_threads(start, stacklevel=4)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -705,13 +744,21 @@ def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: floa
     else:
         run = start.run
         if comm.world == 1:
-            model, meter, rows = _restore(start.checkpoint, str(dev) if plan.grouped
-                                          else start.settings["device"])
-            steps = model.resume_iter()
+            try:
+                model, meter, rows = _restore(start.checkpoint, str(dev) if plan.grouped
+                                              else start.settings["device"])
+                steps = model.resume_iter()
+            except _UNUSABLE as exc:
+                raise run.bad_checkpoint(_not_a_state(exc)) from None
         else:  # the checkpoint holds no per-rank features: replay the layers on this rank's rows
             ckpt = start.checkpoint
-            model = DeepRFM.from_state_dict(ckpt["model"], device=str(dev))
-            rows = [dict(r) for r in ckpt["rows"]]
+            try:
+                model = DeepRFM.from_state_dict(ckpt["model"], device=str(dev))
+                rows = [dict(r) for r in ckpt["rows"]]
+            except _UNUSABLE as exc:  # every rank has rank 0's file: all fail alike
+                if run is not None:
+                    raise run.bad_checkpoint(_not_a_state(exc)) from None
+                raise ValueError(f"the run's checkpoint.pt {_not_a_state(exc)}") from None
             meter = LayerMeter(len(model.classes_))
             meter.world = comm.world
             if test is not None and model.layers_done_ <= model.depth:
@@ -754,6 +801,9 @@ def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: floa
     if not root:
         return None
 
+    # the checkpoint's rows are the record: a resumed run rewrites metrics.csv from them even
+    # when no layer was left to run (repairing a table damaged after the run)
+    run.write_metrics(rows, _metric_columns(rows))
     data_info = run.config["data"]
     title = f"{data_info['name']}, N = {data_info['train']:,}"
     _figures(run, rows, data_info["class_names"], title, pdf)
@@ -789,4 +839,14 @@ def load_centers(path: Any) -> np.ndarray | None:
     from pathlib import Path
 
     f = Path(path) / CENTERS_FILE
-    return np.load(f, allow_pickle=False) if f.exists() else None
+    if not f.exists():
+        return None
+    try:
+        centers = np.load(f, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds for a damaged file
+        raise ValueError(f"{f} is not the centers file agop wrote ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
+    if centers.ndim != 1 or centers.dtype.kind not in "iu":
+        raise ValueError(f"{f} is not the centers file agop wrote (expected one row index per "
+                         f"center; found {centers.dtype} of shape {centers.shape})")
+    return centers

@@ -7,7 +7,8 @@
   σ(U S Vᵀ Φ_l(X)) ("output") (Figures 1, 7), and the Neural Feature Ansatz correlations
   ρ(W_lᵀW_l, AGOP_l) and ρ(W_lᵀW_l, AGOP_l^{1/2}) (Figure 8).
 - :func:`layer_agops`: the AGOP w.r.t. the input of every Linear layer of a stack, from one
-  backward pass per output.
+  backward pass per output (the hooked pass of :mod:`agop.models.layers`, which does the same
+  for named layers of any model, convolutions included).
 - :func:`layer_stages`: the three stages of one layer, the tensors :func:`probe` measures.
 
 The experiment (settings, run folder, checkpoints, headline numbers) is
@@ -34,6 +35,7 @@ from agop import backend
 from agop._validate import ArrayLike, as_labels, check_int, check_matrix, check_positive
 from agop.collapse import CollapseAccumulator
 from agop.linalg import psd_power
+from agop.models import layers as _layers
 from agop.solve import signed_one_hot
 
 __all__ = [
@@ -176,30 +178,15 @@ def _forward_grams(mods: list[nn.Module], positions: list[int], xb: torch.Tensor
     J_{h_l,i} (K × out_l) is the Jacobian of sample i's outputs w.r.t. the pre-activation
     h_l = W_l x_l. Samples are independent (checked by :func:`_flatten`), so the gradient of the
     batch sum of output k w.r.t. h_l has row i equal to ∂f_k(x_i)/∂h_{l,i}: K backward passes
-    give every layer's Jacobians. The Gram sums are float64.
+    give every layer's Jacobians. The pass is :mod:`agop.models.layers`' hooked one, shared with
+    any model; ``positions`` must be distinct. The Gram sums are float64.
     """
-    selected = set(positions)
-    inputs, pre = [], []
-    x = xb.detach().requires_grad_(True)  # so that every h_l is in the graph even if frozen
-    for i, m in enumerate(mods):
-        if i in selected:
-            inputs.append(x.detach())
-            x = m(x)
-            pre.append(x)
-        else:
-            x = m(x)
-    out = x
+    out, inputs, grams = _layers._forward_grams(nn.Sequential(*mods), [mods[p] for p in positions],
+                                                xb, inputs=True)
     if out.ndim != 2:
         raise ValueError("the model must map N × D to N × K; got outputs of shape "
                          f"{tuple(out.shape)}")
-    grams = [torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=h.device) for h in pre]
-    K = out.shape[1]
-    for k in range(K):
-        grads = torch.autograd.grad(out[:, k].sum(), pre, retain_graph=k < K - 1)
-        for G, g in zip(grams, grads):
-            g = g.to(torch.float64)
-            G.addmm_(g.T, g)
-    return out.detach(), inputs, grams
+    return out, inputs, grams
 
 
 def _row_bytes(mods: list[nn.Module], itemsize: int) -> int:
@@ -245,14 +232,15 @@ def layer_agops(model: nn.Module, X: ArrayLike, layers: Iterable[int | nn.Module
         batch_size = backend.plan_rows(_row_bytes(mods, X.element_size()), N, X.device,
                                        fraction=0.25)
     batch_size = check_int(batch_size, "batch_size")
+    distinct = list(dict.fromkeys(positions))  # each layer once, in the order selected
     totals = None
     for i0 in range(0, N, batch_size):
-        _, _, grams = _forward_grams(mods, positions, X[i0:i0 + batch_size])
+        _, _, grams = _forward_grams(mods, distinct, X[i0:i0 + batch_size])
         totals = grams if totals is None else [t.add_(g) for t, g in zip(totals, grams)]
     out = []
-    for p, G in zip(positions, totals):
+    for p in positions:
         W = mods[p].weight.detach().to(torch.float64)
-        out.append(W.T @ G @ W / N)
+        out.append(W.T @ totals[distinct.index(p)] @ W / N)
     return out
 
 

@@ -35,7 +35,6 @@ MAIN_DATASET = "cifar10"
 #: How the page names a dataset.
 DISPLAY_NAMES = {"digits": "digits", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST",
                  "cifar10": "CIFAR-10", "svhn": "SVHN"}
-THEORY_TABLE = "theory.csv"  # agop theory's table of checks (its metrics.csv)
 #: Order of the headline table.
 FIGURE_ORDER = {"Fig. 1": 1, "Fig. 2": 2, "Fig. 3": 3, "Fig. 4": 4, "Fig. 6": 6, "Fig. 7": 7,
                 "Fig. 8": 8, "Thm 5.4": 9, "Thm 5.5": 10}
@@ -47,12 +46,19 @@ _OLD_DATA_KEYS = {"n_train": "train", "n_test": "test", "in_dim": "dim", "num_cl
 @dataclass(frozen=True)
 class Run:
     """A run folder as the report sees it: its :class:`~agop.experiments.records.RunDir` and
-    the records read from it once (metrics rows, summary, figure files)."""
+    the records read from it once (metrics rows, summary, figure files).
+
+    ``problems``: what is wrong with its records
+    (:meth:`~agop.experiments.records.RunDir.record_problems`: a table cut short, changed
+    after the run, missing or empty); a run with problems has no ``rows``, and the report
+    shows none of its numbers (:func:`agop.report.page.build_report`).
+    """
 
     folder: RunDir
     rows: list[dict[str, Any]]
     summary: dict[str, Any] | None
     figures: list[Path]
+    problems: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -93,18 +99,23 @@ class Run:
 
 def load_run(path: Any) -> Run:
     """Read a run folder; ValueError if it is not one (not a folder, no config.json, a kind not
-    in :data:`KINDS`)."""
+    in :data:`KINDS`).
+
+    Records that cannot be trusted (:meth:`~agop.experiments.records.RunDir.record_problems`)
+    do not raise: the :class:`Run` carries them as ``problems``, with no rows.
+    """
     folder = RunDir.open(path)
     if folder.kind not in KINDS:
         raise ValueError(f"{folder.path / CONFIG}: kind {folder.config.get('kind')!r} is "
                          f"not one of {', '.join(KINDS)}")
-    if folder.kind == "theory":
-        table = folder.path / THEORY_TABLE
-        rows = read_csv(table) if table.is_file() else []
-    else:
-        rows = folder.read_metrics()
+    problems = tuple(folder.record_problems())
+    rows = [] if problems else read_csv(folder.table)
+    try:
+        summary = folder.read_summary()
+    except ValueError:  # not JSON: one of the problems
+        summary = None
     figures = sorted((folder.path / FIGURES).glob("*.png"))
-    return Run(folder, rows, folder.read_summary(), figures)
+    return Run(folder, rows, summary, figures, problems)
 
 
 def data_info(config: dict[str, Any]) -> dict[str, Any]:
@@ -347,4 +358,4 @@ def run_record(run: Run, timings: dict[str, float], notes: dict[str, str]) -> di
             "complete": run.complete, "settings": run.folder.settings,
             "device": c.get("device"), "dtype": c.get("dtype"),
             "seconds": seconds(run, timings), "agop_version": c.get("agop_version"),
-            "note": notes.get(run.name, "")}
+            "note": notes.get(run.name, ""), "problems": list(run.problems)}

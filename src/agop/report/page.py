@@ -19,7 +19,9 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import functools
+import json
 import math
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,10 +38,15 @@ from agop.report.numbers import (DISPLAY_NAMES, KINDS, MAIN_DATASET, Run, acc, c
                                  rfm_headline, run_record, seconds, settings_text,
                                  theory_claims, theory_numbers)
 
-__all__ = ["build_report", "render"]
+__all__ = ["build_report", "check_targets", "render"]
 
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
+#: What marks the files a report writes as agop's (the page's <meta name="generator">, the
+#: numbers file's "generator"): only such files are ever replaced.
+GENERATOR = "agop report"
+#: The stems of the cross-dataset figures (PNG, and PDF with ``pdf``) in the figures folder.
+CROSS_FIGURES = ("rfm_nc1_all", "mlp_final_all")
 
 
 @dataclass(frozen=True)
@@ -132,11 +139,12 @@ def _unique(items: list[tuple], run: Run) -> bool:
 
 
 def _cross_figures(rfm: list[tuple], mlp: list[tuple], figures_dir: Path,
-                   pdf: bool) -> dict[str, Path]:
-    """Cross-dataset figures (only when there are runs to compare)."""
+                   pdf: bool) -> tuple[dict[str, Path], list[Path]]:
+    """Cross-dataset figures (only when there are runs to compare): the PNG of each by name
+    ("rfm", "mlp"), and every file written (PDF too with ``pdf``)."""
     from agop.experiments import figures
 
-    out = {}
+    out, files = {}, []
     if rfm:
         curves = []
         for r, _, _ in rfm:
@@ -147,12 +155,95 @@ def _cross_figures(rfm: list[tuple], mlp: list[tuple], figures_dir: Path,
                            "layers": layers,
                            "input": [by[(l, "input")] for l in layers],
                            "agop": [by.get((l, "agop"), math.nan) for l in layers]})
-        out["rfm"] = figures.report_rfm_nc1(curves, figures_dir / "rfm_nc1_all", pdf=pdf)[0]
+        written = figures.report_rfm_nc1(curves, figures_dir / CROSS_FIGURES[0], pdf=pdf)
+        out["rfm"], files = written[0], files + list(written)
     if mlp:
         curves = [{"label": _dataset_name(r.dataset) if _unique(mlp, r) else r.name,
                    "epoch": x["last_epoch"], "layers": x["per_layer"]} for r, x in mlp]
-        out["mlp"] = figures.report_mlp_final(curves, figures_dir / "mlp_final_all", pdf=pdf)[0]
-    return out
+        written = figures.report_mlp_final(curves, figures_dir / CROSS_FIGURES[1], pdf=pdf)
+        out["mlp"], files = written[0], files + list(written)
+    return out, files
+
+
+# ============================================================================ where it writes
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _agop_page(path: Path) -> bool:
+    """Whether ``path`` is a report page agop wrote (its generator tag; older pages: title)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return (f'<meta name="generator" content="{GENERATOR}' in head
+            or "<title>agop: reproduction report</title>" in head)
+
+
+def _agop_numbers(path: Path) -> dict[str, Any] | None:
+    """The numbers file of a report agop wrote (parsed), else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    old = {"agop_version", "created", "report", "runs", "claims"} <= set(data)
+    return data if data.get("generator") == GENERATOR or old else None
+
+
+def check_targets(out_file: Any, summary_file: Any, figures_dir: Any,
+                  runs: Iterable[Any] = ()) -> None:
+    """Refuse, before anything is written, a report that would destroy a record.
+
+    The page ``out_file``, its numbers ``summary_file`` and the cross-dataset figures in
+    ``figures_dir`` may not lie in a run folder the report reads (``runs``: their paths), may
+    not be one file, and replace only files a report wrote: a page with agop's generator tag,
+    a numbers file with its "generator", a figure that the numbers file there lists.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and what to do.
+    """
+    out_file, summary_file, figures_dir = Path(out_file), Path(summary_file), Path(figures_dir)
+    targets = (("the report", out_file), ("its numbers", summary_file),
+               ("its figures", figures_dir))
+    for run in runs:
+        for what, target in targets:
+            if _inside(target, Path(run)):
+                raise ValueError(f"{what} ({target}) would be written into the run folder "
+                                 f"{run}, which the report reads; agop never writes into an "
+                                 f"input run: give --out a file outside it")
+    if out_file.resolve() == summary_file.resolve():
+        raise ValueError(f"the report {out_file} and its numbers would be the same file; give "
+                         f"--out a name ending in .html")
+    for what, target in targets[:2]:
+        if target.is_dir():
+            raise ValueError(f"{what} ({target}) names a folder; give --out a file name such "
+                             f"as report.html")
+    if out_file.exists() and not _agop_page(out_file):
+        raise ValueError(f"{out_file} exists and is not a report agop wrote; agop does not "
+                         f"replace it: choose another --out or move it away")
+    numbers = _agop_numbers(summary_file) if summary_file.exists() else None
+    if summary_file.exists() and numbers is None:
+        raise ValueError(f"{summary_file} exists and is not the numbers file of a report agop "
+                         f"wrote; agop does not replace it: choose another --out or move it "
+                         f"away")
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise ValueError(f"{figures_dir} (the report's figures folder) is a file; choose "
+                         f"another --out or move it away")
+    # by name: the paths listed may be relative to another working directory
+    listed = {Path(f).stem for f in (numbers or {}).get("figures", []) if isinstance(f, str)}
+    for stem in CROSS_FIGURES:
+        for suffix in (".png", ".pdf"):
+            f = figures_dir / (stem + suffix)
+            if f.exists() and stem not in listed:
+                raise ValueError(f"{f} exists and {summary_file} does not list it as a figure "
+                                 f"agop wrote; agop does not replace it: choose another --out "
+                                 f"or move it away")
 
 
 # ============================================================================ the report
@@ -181,15 +272,21 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
     summary_file = Path(summary_file) if summary_file else out_file.with_suffix(".json")
     figures_dir = (Path(figures_dir) if figures_dir
                    else out_file.with_name(out_file.stem + "_figures"))
+    check_targets(out_file, summary_file, figures_dir, [r.path for r in runs])
     timings, notes = dict(timings or {}), dict(notes or {})
 
+    damaged = [r for r in runs if r.problems]
+    for r in damaged:
+        warnings.warn(f"{r.label}: {'; '.join(r.problems)}; its numbers are left out of the "
+                      f"report", stacklevel=2)
+    usable = [r for r in runs if not r.problems]
     rfm = [(r, x, gram_numbers(r.path, r.data.get("classes")))
-           for r in runs if r.kind == "rfm" for x in [rfm_headline(r.rows)] if x]
-    mlp = [(r, x) for r in runs if r.kind == "mlp" for x in [mlp_headline(r.rows)] if x]
-    theory = [(r, theory_numbers(r.rows, r.summary)) for r in runs
+           for r in usable if r.kind == "rfm" for x in [rfm_headline(r.rows)] if x]
+    mlp = [(r, x) for r in usable if r.kind == "mlp" for x in [mlp_headline(r.rows)] if x]
+    theory = [(r, theory_numbers(r.rows, r.summary)) for r in usable
               if r.kind == "theory" and r.rows]
     found = claims(rfm, mlp, theory)
-    cross = _cross_figures(rfm, mlp, figures_dir, pdf)
+    cross, cross_files = _cross_figures(rfm, mlp, figures_dir, pdf)
     built = _dt.datetime.now().isoformat(timespec="seconds")
 
     rfm_main = [t for t in rfm if t[0].dataset == MAIN_DATASET]
@@ -201,7 +298,8 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
         version=__version__, built=built, scale=scale,
         kinds=[(k, sum(r.kind == k for r in runs)) for k in KINDS
                if any(r.kind == k for r in runs)],
-        skipped=list(skipped), incomplete=[r for r in runs if not r.complete],
+        skipped=list(skipped), damaged=damaged,
+        incomplete=[r for r in usable if not r.complete],
         claims=found,
         fig1=[_panel(r, x, "nc1", "stage") for r, x in mlp_main],
         fig2=[_panel(r, g, "gram") for r, _, g in _order(rfm)],
@@ -218,15 +316,17 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
     atomic_write_text(out_file, page)
 
     summary = {
+        "generator": GENERATOR,
         "agop_version": __version__,
         "created": built,
         "scale": scale, "report": str(out_file), "skipped": list(skipped),
         "runs": [run_record(r, timings, notes) for r in runs],
+        "damaged": {r.name: list(r.problems) for r in damaged},
         "rfm": [{"run": r.name, "dataset": r.dataset, **x, "gram_last": g} for r, x, g in rfm],
         "mlp": [{"run": r.name, "dataset": r.dataset, **x} for r, x in mlp],
         "theory": [{"run": r.name, **x} for r, x in theory],
         "claims": [vars(c) for c in found],
-        "figures": [str(p) for p in cross.values()],
+        "figures": [str(p) for p in cross_files],
     }
     atomic_write_json(summary_file, summary)
     return out_file

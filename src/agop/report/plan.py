@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["PAPER_DATASETS", "SCALES", "Experiment", "plan", "reproduce"]
+__all__ = ["PAPER_DATASETS", "SCALES", "Experiment", "dry_run", "format_dry_run", "plan",
+           "reproduce"]
 
 #: Sizes of each scale, in one place; "<kind>:<dataset>" entries override a kind's sizes for one
 #: dataset. ``n`` and ``test_n`` are capped at what a dataset's files hold.
@@ -26,7 +27,11 @@ __all__ = ["PAPER_DATASETS", "SCALES", "Experiment", "plan", "reproduce"]
 #: MLP's lr 1e-3 at N = 1,000 keeps lr × Adam steps near the paper's (2e-5 × 391 steps per epoch
 #: at N = 50,000 ≈ 1e-3 × 8): with 2e-5 the 1,000-point network stays on its initial plateau
 #: for all 250 epochs (docs/mlp.md, "Scale"); digits' 64 small inputs need 2e-3 to leave it.
-#: paper: Appendix C (first 50,000 points, 20 layers, 250 epochs, measured every 10), for a GPU.
+#: paper: Appendix C (first 50,000 points, 20 layers, 250 epochs, measured every 10; the MLP at
+#: lr 2e-5, gain 0.01, width 512, 5 layers, batch 128: the "paper" preset). Deep RFM runs exact
+#: where that fits in memory, else Nyström with 4,000 centers (docs/scaling.md); where it is
+#: Nyström, "rfm-check" adds an exact run on the first 10,000 points as a cross-check.
+#: ``agop reproduce --scale paper --dry-run`` prints each run's estimated time on this machine.
 #: tiny: seconds, for the end-to-end test; shows the pipeline, not the paper's numbers.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -40,8 +45,9 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "mlp:digits": {"lr": 2e-3},
     },
     "paper": {
-        "rfm": {"n": 50000, "depth": 20},
-        "mlp": {"n": 50000, "epochs": 250, "measure_every": 10},
+        "rfm": {"n": 50000, "depth": 20, "centers": 4000},
+        "mlp": {"n": 50000, "epochs": 250, "measure_every": 10, "preset": "paper"},
+        "rfm-check": {"n": 10000, "depth": 20, "solver": "exact"},
     },
 }
 #: The datasets of the paper; ``reproduce`` runs each one found on disk, plus digits.
@@ -130,17 +136,122 @@ def plan(scale: str = "quick", datasets: Sequence[str] | None = None,
         for name, counts in found:
             settings = {"dataset": name, **sizes[kind], **sizes.get(f"{kind}:{name}", {})}
             note = _fit(settings, counts, scale)
+            if settings.get("centers") and settings.get("n") and settings["centers"] > settings["n"]:
+                settings["centers"] = settings["n"]  # fewer points than centers: M = N
             out.append(Experiment(f"{kind}-{name}", kind, name, settings, note))
+            check = sizes.get("rfm-check")
+            if kind == "rfm" and check and settings.get("n") is not None \
+                    and settings["n"] > check["n"] and _solver(settings, name) != "exact":
+                cs = {"dataset": name, **sizes[kind], **check}
+                cs.pop("centers", None)
+                out.append(Experiment(f"rfm-{name}-exact", "rfm", name, cs,
+                                      _fit(cs, counts, scale) or "exact cross-check of the "
+                                      "Nyström run"))
     out.append(Experiment("theory", "theory", None, {"seed": 0}))
     return out, skipped
+
+
+def _dims(name: str) -> tuple[int, int]:
+    """(D, K) of a dataset, from its description (no files read)."""
+    from agop import datasets as ds
+
+    info = ds.DATASETS[name]
+    c, h, w = info.image_shape
+    return c * h * w, len(info.classes)
+
+
+def _solver(settings: dict[str, Any], name: str, device: str = "cpu") -> str:
+    """The Deep RFM solver a run with ``settings`` will use here ("exact" or "nystrom"), as
+    ``solver="auto"`` decides it: exact where its memory plan fits in one process."""
+    from agop.models.deep_rfm import DeepRFM
+
+    if settings.get("solver", "auto") != "auto":
+        return settings["solver"]
+    D, K = _dims(name)
+    model = DeepRFM(depth=int(settings.get("depth", 10)), width=int(settings.get("width", 512)),
+                    device=device)
+    return model._resolve_solver(int(settings["n"]), D, K, 1)
+
+
+def dry_run(scale: str = "quick", datasets: Sequence[str] | None = None, data_dir: Any = None,
+            device: str = "cpu", calibration: Any = None) -> tuple[list[dict[str, Any]], Any]:
+    """The plan of :func:`reproduce` with each run's size, solver and estimated seconds on this
+    machine (:mod:`agop.experiments.estimate`: a short calibration of the real code, about
+    10–20 s on 2 CPU cores, unless ``calibration`` is given). Runs nothing else, writes nothing.
+
+    Returns (rows, calibration); a row has ``name``, ``kind``, ``dataset``, ``n``, ``test_n``,
+    ``solver``, ``seconds`` and ``note``.
+    """
+    from agop import datasets as ds
+    from agop.experiments import estimate as est
+
+    experiments, skipped = plan(scale, datasets, data_dir)
+    cal = calibration if calibration is not None else est.calibrate(device)
+    root = ds.resolve_root(data_dir)
+    rows = []
+    for e in experiments:
+        row = {"name": e.name, "kind": e.kind, "dataset": e.dataset, "n": None, "test_n": None,
+               "solver": "", "seconds": 0.0, "note": e.note}
+        if e.kind == "theory":
+            row["seconds"] = est.estimate_seconds("theory", {}, n=0, d=0, test_n=0,
+                                                  calibration=cal)
+        else:
+            D, K = _dims(e.dataset)
+            have_train, have_test = _counts(e.dataset, root)
+            n = e.settings.get("n") or have_train
+            test_n = e.settings.get("test_n")
+            test_n = min(have_test or 0, 1000 if e.kind == "rfm" else have_test or 0) \
+                if test_n is None else test_n
+            solver = _solver({**e.settings, "n": n}, e.dataset, device) if e.kind == "rfm" \
+                else "adam"
+            row.update(n=n, test_n=test_n, solver=solver, seconds=est.estimate_seconds(
+                e.kind, e.settings, n=n, d=D, test_n=test_n, calibration=cal,
+                solver=solver if e.kind == "rfm" else "exact", K=K))
+        rows.append(row)
+    for s in skipped:
+        rows.append({"name": f"({s['dataset']})", "kind": "skipped", "dataset": s["dataset"],
+                     "n": None, "test_n": None, "solver": "", "seconds": 0.0,
+                     "note": s["reason"]})
+    return rows, cal
+
+
+def format_dry_run(rows: list[dict[str, Any]], cal: Any, scale: str) -> str:
+    """The dry-run table as text: one line per run and the total."""
+    def hms(s: float) -> str:
+        s = int(round(s))
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+    lines = [f"agop reproduce --scale {scale}: plan and estimated time on this machine "
+             f"({cal.device}, {cal.threads} threads; calibrated in {cal.seconds:.0f} s; "
+             f"effective GFLOP/s " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in cal.rates.items())
+             + ")",
+             f"{'run':<22} {'n':>7} {'test':>6} {'solver':<8} {'estimate':>9}  note"]
+    total = 0.0
+    for r in rows:
+        if r["kind"] == "skipped":
+            lines.append(f"{r['name']:<22} {'':>7} {'':>6} {'':<8} {'skipped':>9}  {r['note']}")
+            continue
+        total += r["seconds"]
+        n = "" if r["n"] is None else f"{r['n']:,}"
+        t = "" if r["test_n"] is None else f"{r['test_n']:,}"
+        lines.append(f"{r['name']:<22} {n:>7} {t:>6} {r['solver']:<8} {hms(r['seconds']):>9}  "
+                     f"{r['note']}")
+    lines.append(f"{'total':<22} {'':>7} {'':>6} {'':<8} {hms(total):>9}  (estimates lean "
+                 "high: the calibration problems are small; other jobs on the machine slow "
+                 "both)")
+    return "\n".join(lines)
 
 
 # ============================================================================ reproduce
 def _existing_state(path: Path, exp: Experiment) -> str:
     """"new", "partial" or "complete" for the run folder of ``exp``; ValueError if it conflicts."""
-    from agop.experiments.records import CONFIG, RunDir
+    from agop.experiments.records import CONFIG, RunDir, is_temporary
 
     if not (path / CONFIG).is_file():
+        if path.exists() and (not path.is_dir()
+                              or any(not is_temporary(p.name) for p in path.iterdir())):
+            raise ValueError(f"{path} holds files but no run (no {CONFIG}); this plan puts its "
+                             f"{exp.kind!r} run there: move them away or choose another --out")
         return "new"
     run = RunDir.open(path)
     if run.kind != exp.kind:
@@ -183,6 +294,39 @@ def _run_one(exp: Experiment, path: Path, state: str, *, device: str, data_dir: 
         run_theory(path, progress=False, data_dir=data, pdf=pdf, **exp.settings)
 
 
+def _agop_timings(path: Path) -> bool:
+    """Whether ``path`` is the timings.json of a reproduce folder: seconds by run name."""
+    import json
+    import re
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    name = re.compile(r"^((rfm|mlp)-[a-z0-9-]+|theory)$")
+    return isinstance(data, dict) and all(
+        isinstance(k, str) and name.match(k) and isinstance(v, (int, float))
+        and not isinstance(v, bool) for k, v in data.items())
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` where reproduce would replace a file it did not write: a run folder
+    itself, or a report.html, summary.json, timings.json or figures/ file of anyone else."""
+    from agop.experiments.records import CONFIG
+    from agop.report.page import check_targets
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; reproduce writes a folder")
+    if (out / CONFIG).is_file():
+        raise ValueError(f"--out {out} is a run folder (it has {CONFIG}); reproduce would write "
+                         f"report.html and summary.json into it: choose another folder")
+    timing_file = out / "timings.json"
+    if timing_file.exists() and not _agop_timings(timing_file):
+        raise ValueError(f"{timing_file} exists and is not the timings file of agop reproduce; "
+                         f"agop does not replace it: choose another --out or move it away")
+    check_targets(out / "report.html", out / "summary.json", out / "figures")
+
+
 def reproduce(out: Any, scale: str = "quick", datasets: Sequence[str] | None = None,
               device: str = "auto", data_dir: Any = None, progress: bool = True,
               pdf: bool = False) -> Path:
@@ -195,20 +339,25 @@ def reproduce(out: Any, scale: str = "quick", datasets: Sequence[str] | None = N
     ``resume``, so calling this again after an interruption picks up where it stopped. Active
     seconds per run accumulate in ``out/timings.json``. Writes ``out/report.html``,
     ``out/summary.json`` and the cross-dataset figures in ``out/figures/``; returns the
-    report's path.
+    report's path. Before any work it refuses an ``out`` where it would replace a file it did
+    not write (:func:`agop.report.page.check_targets`; ``out`` itself a run folder; a
+    timings.json or a ``runs/<name>`` folder of something else).
     """
     from tqdm.auto import tqdm
 
-    from agop.experiments.records import atomic_write_json, read_json
+    from agop.experiments.records import (atomic_write_json, ensure_folder, read_json,
+                                          remove_temporaries)
     from agop.report.page import build_report
 
     experiments, skipped = plan(scale, datasets, data_dir)
     out = Path(out)
     runs_dir = out / "runs"
     timing_file = out / "timings.json"
+    _check_out(out)  # before any work: nothing agop did not write is replaced
+    remove_temporaries(out)  # of a report write that an earlier, killed call left
     timings = read_json(timing_file) if timing_file.is_file() else {}
     states = {e.name: _existing_state(runs_dir / e.name, e) for e in experiments}
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(runs_dir)
 
     bar = tqdm(total=len(experiments), disable=not progress, unit="run", position=0,
                desc="agop reproduce", dynamic_ncols=True)
