@@ -11,8 +11,8 @@ After L layers the features are normalized and solved once more (layer L + 1).
 
 The primitives (:func:`normalize_rows`, :func:`random_weights`, :func:`distance_matrix`,
 :func:`kernel_matrix`, :func:`kernel_predict`, :func:`solve_layer`, :func:`fit_layer`,
-:func:`apply_layer`, :func:`layer_memory`) take and return tensors. :class:`DeepRFM` is a
-scikit-learn classifier built from them; :meth:`DeepRFM.fit_iter` yields one
+:func:`apply_layer`, :func:`layer_dtype`, :func:`layer_memory`) take and return tensors.
+:class:`DeepRFM` is a scikit-learn classifier built from them; :meth:`DeepRFM.fit_iter` yields one
 :class:`LayerStep` per layer (the stage tensors and how the layer was fitted) and measures
 nothing: the collapse metrics of a run are taken by the experiment
 (:mod:`agop.experiments.rfm`).
@@ -50,8 +50,8 @@ from agop.nystrom import fit_nystrom, nystrom_memory, nystrom_predict, select_ce
 from agop.solve import kernel_ridge, signed_one_hot
 
 __all__ = ["DeepRFM", "FEATURES", "FIT_INFO", "NYSTROM_INFO", "SOLVERS", "LayerFit", "LayerStep", "STEPS", "apply_layer",
-           "distance_matrix", "fit_layer", "kernel_matrix", "kernel_predict", "layer_memory",
-           "normalize_rows", "random_weights", "solve_layer"]
+           "distance_matrix", "fit_layer", "kernel_matrix", "kernel_predict", "layer_dtype",
+           "layer_memory", "normalize_rows", "random_weights", "solve_layer"]
 
 FEATURES = _choices.FEATURES
 # the timed steps of one layer (Algorithm 1's own work; measurement is timed by the experiment)
@@ -653,8 +653,13 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     kernel : {"laplace", "gaussian"}, default "laplace"
         The kernel (the paper: Laplace).
     dtype : str, default "auto"
-        Compute dtype for kernels, solves and AGOPs; ``"auto"`` is
-        :func:`agop.backend.default_dtype`. M^{1/2} is float64.
+        Compute dtype for kernels, solves and AGOPs. ``"float32"`` / ``"float64"``: every
+        layer in that dtype (M^{1/2} assembled in float64). ``"auto"``:
+        :func:`agop.backend.default_dtype` (float32) with the precision plan of
+        :func:`layer_dtype` for the exact solver: a depth-1 fit and every final solve in
+        float32, the AGOP layers of a deeper fit in float64 — an error made in a layer is
+        amplified by every later one, and float32 layers end 2–25% off float64 by layer 20,
+        the plan within rounding (docs/rfm.md, "float32 over 20 layers").
     agop_method : {"auto", "direct", "gram"}, default "auto"
         See :func:`agop.kernel_agop` (exact solver).
     solver : {"auto", "exact", "nystrom"}, default "auto"
@@ -694,7 +699,8 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     weights_ : list of torch.Tensor
         W_l (float64), l = 1..L.
     coef_ : torch.Tensor
-        α_{L+1}, N × K (M × K for Nyström, float64), in the dtype its solve succeeded in.
+        α_{L+1}, N × K (M × K for Nyström, float64): float64 when its solve was refined or
+        factored in float64 (:func:`agop.solve.kernel_ridge`), else in the compute dtype.
     X_fit_ : torch.Tensor
         The centers of f_{L+1}: the normalized training features of layer L + 1 (N × D), or
         the M Nyström centers' (M × D).
@@ -707,14 +713,16 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     n_total_ : int
         N, the number of training points (over all ranks).
     fit_info_ : list of dict
-        One dict per layer (keys :data:`FIT_INFO`): jitter, dtypes, AGOP form, n, dim and the
-        seconds per step.
+        One dict per layer (keys :data:`FIT_INFO`): jitter, dtypes (``dtype``: the one the
+        layer was planned in, :func:`layer_dtype`), AGOP form, n, dim, the seconds per step,
+        the solve's relative residual and refinement steps, and the dtype M^{1/2} was
+        decomposed in.
     layers_done_ : int
         Layers fitted so far (L + 1 once fitted).
     device_ : torch.device
         The device computed on.
     dtype_ : torch.dtype
-        The compute dtype.
+        The compute dtype (``"auto"`` resolved); each layer's is in ``fit_info_``.
     kernel_ : RadialKernel
         The kernel object.
     """
@@ -977,9 +985,11 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         if solver == "exact" and float(self.ridge) == 0.0:  # no ridgeless interpolant exists
             hint = self._duplicates_hint(normalize_rows(self._train, "X"))
             if hint:
+                one = (" (X has 1 feature(s): every row normalizes to +1 or −1)"
+                       if self.n_features_in_ == 1 else "")
                 raise ValueError(f"ridgeless Deep RFM cannot interpolate these training points:"
-                                 f"{hint}; use ridge > 0 (e.g. 1e-3, the authors' effective "
-                                 "value)")
+                                 f"{hint}{one}; use ridge > 0 (e.g. 1e-3, the authors' "
+                                 "effective value)")
         return self._run()
 
     def _check_memory_everywhere(self, comm: Comm, N: int, d: int, K: int, solver: str) -> None:
