@@ -78,8 +78,15 @@ def test_gram_lower_blocks_with_no_block_count():
 
 
 # ----------------------------------------------------------------------------- M^{1/2} in float32
-def test_float32_square_root_is_within_its_bound_and_symmetric():
+def test_float32_square_root_is_within_its_bound_and_symmetric(monkeypatch):
+    import agop.linalg
     from agop.linalg import psd_sqrt, sqrt_float32_bound
+
+    # the float32 route is for D ≥ 1024 (SQRT_FLOAT32_MIN_DIM); below, always float64
+    M0 = _psd(300)
+    assert psd_sqrt(M0, allow_float32=True, info=(info0 := {})) is not None
+    assert info0 == {"sqrt_precision": "float64", "sqrt_bound": float("inf")}
+    monkeypatch.setattr(agop.linalg, "SQRT_FLOAT32_MIN_DIM", 1)  # a small D runs it here
 
     g = torch.Generator().manual_seed(4)
     A = torch.randn(300, 400, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 400,
@@ -100,8 +107,11 @@ def test_float32_square_root_is_within_its_bound_and_symmetric():
     assert psd_sqrt(M).dtype == torch.float64 and torch.equal(psd_sqrt(M), ref)  # default: float64
 
 
-def test_float32_square_root_falls_back_when_its_bound_is_too_large():
+def test_float32_square_root_falls_back_when_its_bound_is_too_large(monkeypatch):
+    import agop.linalg
     from agop.linalg import SQRT_FLOAT32_BOUND, psd_sqrt, sqrt_float32_bound
+
+    monkeypatch.setattr(agop.linalg, "SQRT_FLOAT32_MIN_DIM", 1)  # the bound alone decides
 
     g = torch.Generator().manual_seed(0)
     Q = torch.linalg.qr(torch.randn(900, 900, generator=g, dtype=torch.float64))[0]
@@ -114,3 +124,25 @@ def test_float32_square_root_falls_back_when_its_bound_is_too_large():
     assert info["sqrt_precision"] == "float64" and torch.equal(S, psd_power(M, 0.5))
     # a zero (or non-positive) trace has no bound
     assert sqrt_float32_bound(torch.zeros(3, 3)) == float("inf")
+
+
+@pytest.mark.parametrize("N, k, dtype", [(1, 3, torch.float64), (37, 11, torch.float64),
+                                         (600, 40, torch.float32), (5, 8, torch.float32)])
+def test_symmetric_product_is_alpha_w_wt_exactly_symmetric(N, k, dtype):
+    from agop.linalg import symmetric_product
+
+    g = torch.Generator().manual_seed(N)
+    W = torch.randn(N, k, generator=g, dtype=torch.float64)
+    S = symmetric_product(W.to(dtype), alpha=-2.0)
+    assert S.dtype == dtype and S.shape == (N, N) and torch.equal(S, S.T)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(S.double(), -2.0 * W @ W.T, rtol=tol, atol=tol * k)
+
+
+def test_symmetric_product_without_blas_takes_the_block_route():
+    from agop.linalg import symmetric_product
+
+    # bfloat16 has no BLAS syrk in SciPy: the GEMM-block route (as on a GPU), scaled by α
+    W = torch.arange(12.0).reshape(4, 3)
+    S = symmetric_product(W.to(torch.bfloat16), alpha=0.5)
+    assert S.dtype == torch.bfloat16 and torch.equal(S.float(), 0.5 * W @ W.T)

@@ -203,8 +203,8 @@ def test_ill_conditioned_float32_solve_is_refined_to_the_float32_matrix_solution
     plain = torch.cholesky_solve(Y, torch.linalg.cholesky(K)).double()
     exact = torch.linalg.solve(K.double(), Y.double())
     assert float((plain - exact).norm() / exact.norm()) > 1e-4  # what an unchecked solve gives
-    res = kernel_ridge(K, Y)  # to the default tolerance, 1e-5
-    assert res.dtype == "float32" and res.refinements >= 1 and res.residual <= 1e-5
+    res = kernel_ridge(K, Y)  # to the default tolerance, 1e-4
+    assert res.dtype == "float32" and res.refinements >= 1 and res.residual <= 1e-4
     res = kernel_ridge(K, Y, tol=1e-10)  # to float64's accuracy on this matrix
     assert res.dtype == "float32" and res.jitter == 0.0 and 1 <= res.refinements <= 6
     assert res.coef.dtype == torch.float64 and res.residual <= 1e-10
@@ -218,10 +218,10 @@ def test_ill_conditioned_float32_solve_is_refined_to_the_float32_matrix_solution
 def test_refinement_that_cannot_converge_moves_on_to_float64():
     # κ = 1e8 > 1/ε₃₂: the float32 factor exists but cannot be refined; the float64 attempt
     # solves the float32 matrix to its residual
-    K, Y = _conditioned(N=60, cond=1e8, seed=2)
+    K, Y = _conditioned(N=60, cond=1e8, seed=0)
     assert int(torch.linalg.cholesky_ex(K)[1]) == 0  # precondition: float32 factors
     res = kernel_ridge(K, Y)
-    assert res.dtype == "float64" and res.jitter == 0.0 and res.residual <= 1e-5
+    assert res.dtype == "float64" and res.jitter == 0.0 and res.residual <= 1e-4
     exact = torch.linalg.solve(K.double(), Y.double())
     assert float((res.coef - exact).norm() / exact.norm()) < 1e-4
 
@@ -231,7 +231,7 @@ def test_a_solve_no_attempt_can_bring_to_the_tolerance_is_refused():
     # but no α makes the whole matrix's residual small (κ·asymmetry ≫ 1), in any dtype
     K, Y = _conditioned(N=40, cond=1e6, seed=1, dtype=torch.float64)
     K[0, 1:] += 1e-3
-    with pytest.raises(ValueError, match="cannot be solved to a relative residual of 1e-05"):
+    with pytest.raises(ValueError, match="cannot be solved to a relative residual of 0.0001"):
         kernel_ridge(K, Y)
     # what an unchecked Cholesky solve would have returned: a residual of order one
     a = torch.cholesky_solve(Y, torch.linalg.cholesky(K))
@@ -242,6 +242,22 @@ def test_the_tolerance_is_a_parameter():
     K, Y = _conditioned(cond=1e5)
     loose = kernel_ridge(K, Y, tol=1.0)
     assert loose.refinements == 0 and loose.dtype == "float32" and loose.coef.dtype == torch.float32
-    assert loose.residual > 1e-5
+    assert loose.residual > 1e-4
     with pytest.raises(ValueError, match="tol"):
         kernel_ridge(K, Y, tol=0.0)
+
+
+def test_singular_system_with_targets_outside_its_range_takes_a_reported_jitter():
+    # an exactly duplicated row with a different target: no α interpolates. The solve is of
+    # K + jitter·I (residual ≤ tol against that matrix, the jitter reported), and its fitted
+    # values K α show the compromise: both copies get the mean of their two targets
+    K, Y = _problem(N=30, K=2)
+    idx = torch.cat([torch.arange(30), torch.tensor([0])])
+    K, Y = K[idx][:, idx], torch.cat([Y, Y[:1] + 1.0])
+    res = kernel_ridge(K, Y)
+    assert res.dtype == "float64" and res.jitter > 0.0 and res.residual <= 1e-4
+    want = float((Y - (K + res.jitter * torch.eye(31, dtype=K.dtype)) @ res.coef).norm() / Y.norm())
+    assert res.residual == pytest.approx(want, rel=0.01, abs=1e-12)
+    F = res.fitted()
+    assert torch.allclose(F[0], F[30], atol=1e-4)
+    assert torch.allclose(F[0], 0.5 * (Y[0] + Y[30]), atol=1e-3)  # not the targets

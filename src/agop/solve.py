@@ -14,11 +14,12 @@ next is tried: float64 if the input was float32, then a growing diagonal jitter.
 jitter, residual and number of refinements actually used are returned, never applied silently.
 
 The residual is taken against the whole matrix given, though Cholesky reads its lower triangle
-only: a kernel matrix built with per-class distances is symmetric only to rounding, and the
-whole matrix is what predictions at the training points compute. A float64 attempt whose
-residual stays above ``RESIDUAL_TOL`` is still accepted when its normwise backward error
-‖r‖/(‖K + shift·I‖_F‖α‖_F + ‖Y‖_F) is at most N·ε₆₄ — the solution is then as accurate as
-float64 allows for that matrix (κ ≳ 1e10) — and its residual is reported.
+only (a matrix symmetric only to rounding is solved as what it is). When no attempt reaches
+``RESIDUAL_TOL`` — a matrix singular to working precision with targets outside its range, or
+κ ≳ 1e10 — the float64 attempt with the smallest residual among those whose normwise backward
+error ‖r‖/(‖K + shift·I‖_F‖α‖_F + ‖Y‖_F) is at most N·ε₆₄ (solutions as accurate as float64
+allows for their matrix) is returned, its residual reported for the caller to judge; with none,
+the solve is refused (ValueError).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 from agop._validate import check_positive
 
 #: A solve is accepted when its relative residual against the matrix is at most this (the
-#: targets are ±1: fitted values within 1e-5 of them; an unrefined float32 solve of a Deep RFM
-#: layer leaves 3e-7–1e-6); above it, it is refined, then retried.
-RESIDUAL_TOL = 1e-5
+#: targets are ±1: fitted values within 1e-4 of them; an unrefined float32 solve of a Deep RFM
+#: layer leaves 3e-7 (digits, 500 points) to 3e-5 (CIFAR-10, 5,000)); above it, it is
+#: refined, then retried.
+RESIDUAL_TOL = 1e-4
 #: At most this many refinement steps per attempt (each must shrink the residual by half).
 MAX_REFINEMENTS = 6
 
@@ -136,9 +138,26 @@ def _backward_error(Kmat: torch.Tensor, shift: float, a: torch.Tensor, R: torch.
     return float(R.norm()) / denom if denom > 0 else float("inf")
 
 
+def _result(attempt: tuple, kernel_dtype: torch.dtype, ridge: float, Y64: torch.Tensor,
+            squeeze: bool) -> "KernelRidgeResult":
+    dtype, jitter, shift, a, R, res, steps, Lf = attempt
+    coef = a if steps > 0 or dtype == torch.float64 else a.to(kernel_dtype)
+    fitted = (Y64 - R).sub_(a, alpha=shift)  # K α = Y − r − shift·α
+    return KernelRidgeResult(
+        coef=coef[:, 0] if squeeze else coef,
+        ridge=ridge,
+        jitter=float(jitter),
+        dtype=str(dtype).replace("torch.", ""),
+        factor=Lf,
+        residual=res,
+        refinements=steps,
+        fitted_values=fitted[:, 0] if squeeze else fitted,
+    )
+
+
 def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
                  max_tries: int = 8, fallback_float64: bool = True,
-                 tol: float = RESIDUAL_TOL) -> KernelRidgeResult:
+                 tol: float = RESIDUAL_TOL, check_finite: bool = True) -> KernelRidgeResult:
     """Solve (K + μI) α = Y by Cholesky with a residual check, refinement and retries.
 
     Parameters
@@ -158,6 +177,9 @@ def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
         to ``tol``), retry in float64 before adding any jitter.
     tol
         the largest relative residual accepted (module docstring).
+    check_finite
+        check K for NaN and inf first (one pass over N²; a caller that built K from finite
+        inputs may skip it: a non-finite K fails every attempt anyway).
 
     Raises
     ------
@@ -174,7 +196,7 @@ def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
         )
     check_positive(ridge, "ridge", allow_zero=True)
     check_positive(tol, "tol")
-    if not bool(torch.isfinite(Kmat).all()):
+    if check_finite and not bool(torch.isfinite(Kmat).all()):
         raise ValueError("Kmat contains NaN or inf")
     if not bool(torch.isfinite(Y2).all()):
         raise ValueError("Y contains NaN or inf")
@@ -189,7 +211,7 @@ def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
     Y64 = Y2.to(torch.float64)
     y_norm = float(Y64.norm()) or 1.0
     N, eps64 = Kmat.shape[0], torch.finfo(torch.float64).eps
-    best = None
+    best = stable = None
 
     for dtype, jitter in attempts:
         Lf = None  # the previous attempt's factor is freed before the next is made
@@ -218,22 +240,14 @@ def kernel_ridge(Kmat: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0, *,
             a, R, res, steps = a_new, R_new, res_new, steps + 1
         if best is None or res < best[0]:
             best = (res, jitter)
-        if res > tol and not (dtype == torch.float64 and
-                              _backward_error(Kmat, shift, a, R, Y64) <= N * eps64):
-            continue
-        keep = steps > 0 or dtype == torch.float64
-        coef = a if keep else a.to(Kmat.dtype)
-        fitted = (Y64 - R).sub_(a, alpha=shift)  # K α = Y − r − shift·α
-        return KernelRidgeResult(
-            coef=coef[:, 0] if squeeze else coef,
-            ridge=float(ridge),
-            jitter=float(jitter),
-            dtype=str(dtype).replace("torch.", ""),
-            factor=Lf,
-            residual=res,
-            refinements=steps,
-            fitted_values=fitted[:, 0] if squeeze else fitted,
-        )
+        result = (dtype, jitter, shift, a, R, res, steps, Lf)
+        if res <= tol:
+            return _result(result, Kmat.dtype, float(ridge), Y64, squeeze)
+        if dtype == torch.float64 and _backward_error(Kmat, shift, a, R, Y64) <= N * eps64:
+            if stable is None or res < stable[5]:
+                stable = result  # as good as float64 allows: kept unless a later try is better
+    if stable is not None:
+        return _result(stable, Kmat.dtype, float(ridge), Y64, squeeze)
     if best is None:
         raise ValueError(
             f"Cholesky factorization of the {N} × {N} kernel matrix failed with ridge {ridge} "

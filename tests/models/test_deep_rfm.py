@@ -254,7 +254,8 @@ def test_precision_plan_of_auto(digits):
     one = DeepRFM(depth=1, width=32, device="cpu")
     steps = list(one.fit_iter(X, y))
     assert [s.info["dtype"] for s in steps] == ["float32", "float32"]
-    assert steps[0].info["sqrt_precision"] == "float32"  # layer 1 of digits: within the bound
+    # digits' D = 64: a float64 decomposition costs nothing (float32 only from D = 1024)
+    assert steps[0].info["sqrt_precision"] == "float64"
     deep = DeepRFM(depth=3, width=32, device="cpu")
     steps = list(deep.fit_iter(X, y))
     assert [s.info["dtype"] for s in steps] == ["float64"] * 3 + ["float32"]
@@ -263,7 +264,7 @@ def test_precision_plan_of_auto(digits):
     assert steps[-1].info["sqrt_precision"] is None
     for s in steps:
         assert torch.equal(deep.transform(torch.as_tensor(X), layer=s.layer), s.inputs)
-        assert s.info["solve_residual"] <= 1e-5 and s.info["refinements"] >= 0
+        assert s.info["solve_residual"] <= 1e-4 and s.info["refinements"] >= 0
     assert deep.X_fit_.dtype == torch.float32 and deep.transform(X).dtype == np.float32
     # an explicit float32 keeps every layer in float32
     plain = DeepRFM(depth=3, width=32, device="cpu", dtype="float32")
@@ -313,7 +314,22 @@ def test_identical_points_with_different_labels_are_refused_ridgeless():
     steps = list(model.fit_iter(X, y))
     assert steps[-1].train_acc == model.score(X, y)
     assert steps[0].train_acc < 1.0  # rows 0 and 1 cannot both be right
-    assert all(s.info["solve_residual"] <= 1e-5 for s in steps)
+    assert all(s.info["solve_residual"] <= 1e-4 for s in steps)
+
+
+def test_duplicate_check_finds_a_conflict_among_many_copies_and_allows_agreeing_copies(digits):
+    """The up-front check is exact and finds a conflicting pair among many identical rows; copies
+    with the same label are not a conflict (the ridgeless solve then takes a reported jitter
+    if it needs one) and fit."""
+    X, y, _, _ = digits
+    X, y = X.copy(), y.copy()
+    X[10:40] = X[5]
+    y[10:40] = y[5]  # thirty agreeing copies: allowed
+    model = DeepRFM(depth=1, width=16, device="cpu", dtype="float64").fit(X, y)
+    assert model.fit_info_[0]["solve_residual"] <= 1e-4
+    y[33] = (y[5] + 1) % 10  # one of them relabelled
+    with pytest.raises(ValueError, match="rows 5 and 33 have identical features"):
+        DeepRFM(depth=1, width=16, device="cpu").fit(X, y)
 
 
 def test_recorded_solve_residual_is_that_of_the_final_coefficients(digits):
@@ -326,7 +342,7 @@ def test_recorded_solve_residual_is_that_of_the_final_coefficients(digits):
     Y = -torch.ones(len(y), 10, dtype=torch.float64)
     Y[torch.arange(len(y)), model.y_fit_] = 1.0
     r = float((Y - K.double() @ model.coef_.double()).norm() / Y.norm())
-    assert info["kernel_dtype"] == "float32" and info["solve_residual"] <= 1e-5
+    assert info["kernel_dtype"] == "float32" and info["solve_residual"] <= 1e-4
     assert info["solve_residual"] == pytest.approx(r, rel=1e-3)
     assert model.coef_.dtype == (torch.float64 if info["refinements"] else torch.float32)
 
@@ -697,3 +713,28 @@ def test_each_layer_draws_the_next_w_from_one_generator_seeded_once(features):
         pass
     for l, (W, E) in enumerate(zip(resumed.weights_, expected), start=1):
         assert torch.allclose(W.cpu(), E, rtol=1e-15, atol=0.0), f"layer {l} after a resume"
+
+
+def test_distance_matrix_is_symmetric_and_agrees_with_pairwise_distances():
+    """distance_matrix (one symmetric product, within-class blocks about the class mean) gives
+    the distances of agop.kernels.pairwise_distances with per-class shifts: exactly symmetric,
+    a zero diagonal, and as accurate within collapsed classes in float32."""
+    from agop.kernels import pairwise_distances
+    from agop.models.deep_rfm import distance_matrix
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(50)
+    means = torch.randn(4, 32, generator=g, dtype=torch.float64)
+    for spread in (1.0, 1e-4):  # spread out, and collapsed classes
+        X = means[y] + spread * torch.randn(200, 32, generator=g, dtype=torch.float64)
+        groups = class_groups(y, 4)
+        exact = pairwise_distances(X)  # float64, the plain formula
+        d64 = distance_matrix(X, groups)
+        assert torch.equal(d64, d64.T) and torch.equal(d64.diagonal(), torch.zeros(200, dtype=torch.float64))
+        assert float((d64 - pairwise_distances(X, groups=groups)).abs().max()) < 1e-12
+        d32 = distance_matrix(X.float(), groups).double()
+        ref32 = pairwise_distances(X.float(), groups=groups).double()
+        off = ~torch.eye(200, dtype=torch.bool)
+        err = ((d32 - exact).abs() / exact.clamp(min=1e-300))[off].max()
+        err_ref = ((ref32 - exact).abs() / exact.clamp(min=1e-300))[off].max()
+        assert float(err) <= 2 * float(err_ref) + 1e-6

@@ -47,7 +47,7 @@ from agop.kernels import KERNELS, RadialKernel, class_groups, get_kernel, pairwi
 from agop.linalg import psd_power, psd_sqrt, symmetric_product
 from agop.distributed import Comm, check_world_size, current, local, row_range
 from agop.nystrom import fit_nystrom, nystrom_memory, nystrom_predict, select_centers
-from agop.solve import kernel_ridge, signed_one_hot
+from agop.solve import RESIDUAL_TOL, kernel_ridge, signed_one_hot
 
 __all__ = ["DeepRFM", "FEATURES", "FIT_INFO", "NYSTROM_INFO", "SOLVERS", "LayerFit", "LayerStep", "STEPS", "apply_layer",
            "distance_matrix", "fit_layer", "kernel_matrix", "kernel_predict", "layer_dtype",
@@ -63,6 +63,11 @@ FIT_INFO = ("layer", "jitter", "solve_dtype", "kernel_dtype", "dtype", "agop_met
 # further keys of a Nyström layer's fit information (exact layers keep FIT_INFO only)
 NYSTROM_INFO = ("solver", "centers", "nystrom_ridge", "condition", "residual", "trusted")
 SOLVERS = _choices.SOLVERS
+#: The residual tolerance of a solve whose α feeds an AGOP (:func:`fit_layer`); the final
+#: solve uses :data:`agop.solve.RESIDUAL_TOL`. The AGOP is quadratic in α: refining a float32
+#: α to 1e-5 keeps the float32 AGOP of CIFAR-10-5000's layer 1 within 2e-5 of float64, where
+#: the unrefined α (residual 3e-5) leaves 7.5e-5.
+AGOP_SOLVE_TOL = 1e-5
 #: M when ``centers`` is None: min(N, this).
 DEFAULT_CENTERS = 4000
 
@@ -181,10 +186,12 @@ def distance_matrix(X: torch.Tensor, groups: list[torch.Tensor] | None = None) -
     d²_ij = ‖x̃_i‖² + ‖x̃_j‖² − 2x̃_iᵀx̃_j from one symmetric product of the rows shifted by
     their mean (:func:`agop.linalg.symmetric_product`: BLAS ``syrk`` on the CPU, half the
     FLOPs of the product the row-chunked :func:`agop.kernels.pairwise_distances` makes).
-    With ``groups`` the pairs within each group are recomputed about that group's mean, the
-    same formula as :func:`agop.kernels.pairwise_distances` and as accurate once the groups
-    have collapsed (its error is ε·‖x̃‖², now at the scale of the within-group spread); pairs
-    across groups keep the common shift, as accurate as the shift by either group's mean.
+    With ``groups`` the pairs within each group are recomputed about that group's mean — the
+    same formula as :func:`agop.kernels.pairwise_distances`, accurate once the groups have
+    collapsed (its error is ε·‖x̃‖², now at the scale of the within-group spread) — wherever
+    that spread is below a quarter of the common one (the shift then gains more than 4×;
+    before the classes collapse it gains little and is skipped); pairs across groups keep the
+    common shift, as accurate as the shift by either group's mean.
     Peak memory: N² plus the largest group's block twice.
 
     Parameters
@@ -199,20 +206,25 @@ def distance_matrix(X: torch.Tensor, groups: list[torch.Tensor] | None = None) -
     torch.Tensor
         N × N in X's dtype.
     """
-    d2 = _squared_about_mean(X)
+    Xc = X - X.mean(dim=0)
+    d2 = _squared_about_mean(Xc, centered=True)
+    spread = float((Xc * Xc).sum()) / max(len(X), 1)  # mean ‖x − μ‖²
     for idx in groups or ():
-        if len(idx) == len(X):
-            continue  # one group: the common shift is its mean already
-        d2[idx[:, None], idx[None, :]] = _squared_about_mean(X[idx])
+        Xg = X[idx] - X[idx].mean(dim=0)
+        # recomputed where the group's own shift is > 4× more accurate (ε‖x̃‖² shrinks with
+        # the spread about the shift): always once the classes have begun to collapse
+        if len(idx) < len(X) and 4.0 * float((Xg * Xg).sum()) / len(idx) < spread:
+            d2[idx[:, None], idx[None, :]] = _squared_about_mean(Xg, centered=True)
     d2.clamp_(min=0.0).diagonal().zero_()
     return d2.sqrt_()
 
 
-def _squared_about_mean(X: torch.Tensor) -> torch.Tensor:
-    """‖x̃_i‖² + ‖x̃_j‖² − 2x̃_iᵀx̃_j with x̃ = x − mean (N × N, symmetric, not clamped)."""
-    Xc = X - X.mean(dim=0)
+def _squared_about_mean(X: torch.Tensor, centered: bool = False) -> torch.Tensor:
+    """‖x̃_i‖² + ‖x̃_j‖² − 2x̃_iᵀx̃_j with x̃ = x − mean (N × N, symmetric, not clamped);
+    ``centered``: X is x̃ already."""
+    Xc = X if centered else X - X.mean(dim=0)
     sq = (Xc * Xc).sum(dim=1)
-    d2 = symmetric_product(Xc).mul_(-2.0)
+    d2 = symmetric_product(Xc, alpha=-2.0)
     rows = max(1, (1 << 22) // (max(len(X), 1) * X.element_size()))
     for i0 in range(0, len(X), rows):  # ‖x̃_i‖² + ‖x̃_j‖² as one sum: d2 stays symmetric
         d2[i0:i0 + rows].add_(sq[i0:i0 + rows, None] + sq[None, :])
@@ -287,7 +299,7 @@ def kernel_predict(kernel: RadialKernel, P: torch.Tensor, centers: torch.Tensor,
 
 def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: float = 0.0,
                 groups: list[torch.Tensor] | None = None,
-                keep_distances: bool = False) -> LayerFit:
+                keep_distances: bool = False, tol: float = RESIDUAL_TOL) -> LayerFit:
     """Step 2 of Algorithm 1: the exact kernel ridge solve on normalized inputs.
 
     The kernel matrix is built and factored in X's dtype (float32 by default); the solve is
@@ -312,6 +324,8 @@ def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: f
     keep_distances : bool
         Keep the N × N distance matrix in ``LayerFit.distances`` (for the AGOP's gram form;
         N² more memory).
+    tol : float
+        The solve's residual tolerance (:func:`agop.solve.kernel_ridge`).
 
     Returns
     -------
@@ -329,16 +343,17 @@ def solve_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: f
 
     t = time.perf_counter()
     kernel_dtype = X.dtype
+    # K comes from finite features (a NaN would fail every factorization or residual anyway)
     if X.dtype == torch.float64:
-        sol = kernel_ridge(Kmat, Y, ridge)
+        sol = kernel_ridge(Kmat, Y, ridge, check_finite=False, tol=tol)
     else:
         try:
-            sol = kernel_ridge(Kmat, Y, ridge, max_tries=0)
+            sol = kernel_ridge(Kmat, Y, ridge, max_tries=0, check_finite=False, tol=tol)
         except ValueError:  # inputs are finite, so the factorization failed (float32 and float64)
             del Kmat
             kernel_dtype = torch.float64
             Kmat = kernel_matrix(kernel, X.to(kernel_dtype), groups)
-            sol = kernel_ridge(Kmat, Y.to(kernel_dtype), ridge)
+            sol = kernel_ridge(Kmat, Y.to(kernel_dtype), ridge, check_finite=False, tol=tol)
     del Kmat
     fitted = sol.fitted()
     sol.factor = None  # the N × N factor is not needed any more
@@ -355,9 +370,10 @@ def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: flo
               try_float32: bool = True, sqrt_float32: bool = False) -> LayerFit:
     """Steps 2–3 of Algorithm 1 and M^{1/2} on normalized inputs.
 
-    Solve as :func:`solve_layer`; the AGOP is computed in X's dtype (α cast to it) and M^{1/2}
-    by :func:`agop.linalg.psd_sqrt` (assembled in float64). Seconds per step are recorded
-    (with a device synchronization so GPU times are real).
+    Solve as :func:`solve_layer`, to the residual ``AGOP_SOLVE_TOL``; the AGOP is computed in
+    X's dtype (α cast to it) and M^{1/2} by :func:`agop.linalg.psd_sqrt` (assembled in
+    float64). Seconds per step are recorded (with a device synchronization so GPU times are
+    real).
 
     Parameters
     ----------
@@ -390,7 +406,7 @@ def fit_layer(X: torch.Tensor, Y: torch.Tensor, kernel: RadialKernel, ridge: flo
     method = resolve_method(agop_method, N, N, Y.shape[1], D, True)
     # the gram form needs the distances the kernel matrix is made of: keep them if they fit
     keep = method == "gram" and 3 * N * N * X.element_size() <= memory_budget(X.device)
-    fit = solve_layer(X, Y, kernel, ridge, groups, keep_distances=keep)
+    fit = solve_layer(X, Y, kernel, ridge, groups, keep_distances=keep, tol=AGOP_SOLVE_TOL)
     t = time.perf_counter()
     fit.agop = kernel_agop(kernel, X, fit.coef.to(X.dtype), method=method, groups=groups,
                            info=fit.agop_info, distances=fit.distances, try_float32=try_float32)
@@ -442,11 +458,12 @@ def layer_dtype(dtype: torch.dtype, layer: int, depth: int, auto: bool = True) -
     Why: Deep RFM amplifies an error made in one layer in every later layer. Measured on
     MNIST-2000 in float64 (docs/rfm.md, "float32 over 20 layers"): a relative perturbation of
     1e-12 of layer 1's output moves layer 21's NC1 by 6e-6, rounding it to float32 once moves
-    layer 19's by 7e-3, and float32 features with float64 arithmetic end 0.2–1.7% off at
-    layers 19–21. A float32 layer also errs by 1e-7 (kernel entries) to 1e-5 (the solve, the
-    AGOP), so a fit whose layers feed further AGOP layers holds 1% of float64 over 20 layers
-    only in float64. A depth-1 fit's one layer feeds only the final solve, and a final solve feeds
-    nothing: they keep float32's speed and memory.
+    layer 19's by 7e-3, and rounding every layer's output to float32 (float64 arithmetic)
+    moves it by up to 4e-3. A float32 layer errs by far more, 1e-7 (kernel entries) to 1e-5
+    (the solve, the AGOP): float32 layers end 10–20% off at layers 20–21, and a fit whose
+    layers feed further AGOP layers holds 1% of float64 over 20 layers only in float64. A
+    depth-1 fit's one layer feeds only the final solve, and a final solve feeds nothing: they
+    keep float32's speed and memory.
     """
     if not auto or dtype == torch.float64 or depth < 2 or layer > depth:
         return dtype
@@ -658,8 +675,9 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         :func:`agop.backend.default_dtype` (float32) with the precision plan of
         :func:`layer_dtype` for the exact solver: a depth-1 fit and every final solve in
         float32, the AGOP layers of a deeper fit in float64 — an error made in a layer is
-        amplified by every later one, and float32 layers end 2–25% off float64 by layer 20,
-        the plan within rounding (docs/rfm.md, "float32 over 20 layers").
+        amplified by every later one, and float32 layers end 10–20% off float64 by layers
+        20–21 on MNIST and CIFAR-10, the plan within rounding (docs/rfm.md, "float32 over 20
+        layers").
     agop_method : {"auto", "direct", "gram"}, default "auto"
         See :func:`agop.kernel_agop` (exact solver).
     solver : {"auto", "exact", "nystrom"}, default "auto"
@@ -1190,18 +1208,40 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     def _duplicates_hint(self, Xn: torch.Tensor) -> str:
         """' (training rows i and j ...)' when two rows of Xn (normalized training features)
         are identical with different labels — no ridgeless interpolant exists then — else
-        ''. An exact test (``torch.unique`` of the rows: 0.04 s for 5,000 × 784 on a CPU)."""
-        _, inv = torch.unique(Xn, dim=0, return_inverse=True)
-        order = torch.argsort(inv, stable=True)
-        inv_s, y_s = inv[order], self._y[order]
-        hits = torch.nonzero((inv_s[1:] == inv_s[:-1]) & (y_s[1:] != y_s[:-1]))
-        if not len(hits):
+        ''. Exact: rows whose projections on a fixed random direction are within 1e-5 of each
+        other (after sorting) are compared bit for bit (about 0.02 s for 5,000 × 3,072)."""
+        if len(Xn) < 2:
             return ""
-        k = int(hits[0])
-        i, j = sorted((int(order[k]), int(order[k + 1])))
-        labels = self.classes_[[int(self._y[i]), int(self._y[j])]].tolist()
-        return (f" (training rows {i} and {j} have identical features but the labels "
-                f"{labels[0]!r} and {labels[1]!r})")
+        v = torch.randn(Xn.shape[1], generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).to(device=Xn.device, dtype=Xn.dtype)
+        p = Xn @ v  # identical rows: equal projections up to the product's rounding
+        order = torch.argsort(p)
+        ps = p[order]
+        close = ((ps[1:] - ps[:-1]).abs() <= 1e-5 * float(ps.abs().max())).tolist()
+        runs, run = [], [0]  # maximal runs of sorted positions, each within 1e-5 of the next
+        for k, c in enumerate(close):
+            if c:
+                run.append(k + 1)
+            else:
+                runs.append(run)
+                run = [k + 1]
+        runs.append(run)
+        for run in (r for r in runs if len(r) > 1):  # few: random rows are rarely this close
+            rows = torch.as_tensor(sorted(int(order[k]) for k in run), device=Xn.device)
+            labels = self._y[rows]
+            if bool((labels == labels[0]).all()):
+                continue
+            _, same = torch.unique(Xn[rows], dim=0, return_inverse=True)  # exact equality
+            for g in torch.unique(same).tolist():
+                members = rows[same == g]
+                first = self._y[members[0]]
+                other = torch.nonzero(self._y[members] != first)
+                if len(other):
+                    i, j = sorted((int(members[0]), int(members[int(other[0])])))
+                    names = self.classes_[[int(self._y[i]), int(self._y[j])]].tolist()
+                    return (f" (training rows {i} and {j} have identical features but the "
+                            f"labels {names[0]!r} and {names[1]!r})")
+        return ""
 
     def _draw_weights(self, d_in: int) -> torch.Tensor:
         gen = torch.Generator()
@@ -1229,6 +1269,13 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
                 fit = self._solve(Xn, Y, final, try_float32=not refused)
             except ValueError as e:  # the solve refused: say which layer, and why if we can
                 raise ValueError(f"layer {l}: {e}{self._duplicates_hint(Xn)}") from None
+            if fit.residual is not None and fit.residual > RESIDUAL_TOL:
+                warnings.warn(
+                    f"layer {l}: the kernel solve left a relative residual {fit.residual:.3g} "
+                    f"(> {RESIDUAL_TOL:g}; jitter {fit.jitter:.3g}, {fit.solve_dtype}): the "
+                    "kernel matrix is singular to working precision, so f_l does not "
+                    "interpolate; recorded as solve_residual (a ridge > 0 avoids it)",
+                    stacklevel=3)
         seconds = dict(fit.seconds)
 
         stages = {"input": Xn}
