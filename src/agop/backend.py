@@ -23,6 +23,8 @@ from typing import Iterator
 
 import torch
 
+from agop.allocator import reusable_bytes
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Return a ``torch.device``; ``"auto"`` picks CUDA when one is available, else the CPU.
@@ -144,12 +146,14 @@ def _cpu_available_bytes() -> int:
 
 
 def free_memory(device: torch.device | str) -> int:
-    """Bytes that can be allocated on ``device`` now (CUDA: free + cached by torch's allocator)."""
+    """Bytes that can be allocated on ``device`` now (CUDA: free + cached by torch's allocator;
+    CPU: the system's available memory + what this process freed and kept in its heap,
+    :func:`agop.allocator.reusable_bytes`)."""
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
-    return _cpu_available_bytes()
+    return _cpu_available_bytes() + reusable_bytes()
 
 
 def memory_budget(device: torch.device | str, fraction: float = 0.5) -> int:

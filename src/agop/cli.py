@@ -102,7 +102,11 @@ def _add_rfm(sub: argparse._SubParsersAction) -> None:
                    help="Algorithm 1 as printed: rows only normalized (default: standardize "
                         "each feature first, as the authors' scripts do)")
     p.add_argument("--dtype", default=S, choices=choices.DTYPES,
-                   help="compute dtype: auto (default: float32), float32 or float64")
+                   help="compute dtype: float32 or float64 in every layer, or auto "
+                        "(default): with the exact solver a depth-1 fit and every final solve "
+                        "in float32 and the AGOP layers of a deeper fit in float64; with "
+                        "nystrom the kernel blocks and features in float32, the solve and "
+                        "M^{1/2} in float64")
     p.add_argument("--solver", default=S, choices=choices.SOLVERS,
                    help="exact: the N × N kernel solve (Algorithm 1); nystrom: M centers, "
                         "data-parallel under torchrun; auto (default): exact where it fits in "

@@ -217,6 +217,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert shares == pytest.approx(1.0)
     assert (out / "figures" / "collapse.png").stat().st_size > 0
     assert (out / "figures" / "gram.png").stat().st_size > 0
+    assert (out / "figures" / "step_seconds.png").stat().st_size > 0
+    firsts = [r for r in rows if r["stage"] == "input"]  # one per layer, each with its times
+    assert summary["step_seconds"]["solve"] == pytest.approx(
+        sum(r["seconds_solve"] for r in firsts))
     assert main(["rfm", "--resume", str(out), "--depth", "4", "--no-progress"]) == 2
 
 
@@ -377,3 +381,98 @@ def test_gram_and_centers_files_that_are_not_agops_are_named(tmp_path):
     np.save(tmp_path / "centers.npy", np.array([0.5, 1.5]))
     with pytest.raises(ValueError, match="centers.npy is not the centers file"):
         load_centers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- where the time goes
+def _timed_rows():
+    """Three layers and the final solve as a Nyström run might record them: every stage row
+    of a layer repeats its times; None where a step did not run (no test points at layer 2's
+    predict), a time missing in a row, and a step column the exact solver never writes
+    (``seconds_centers``, on layer 1 only)."""
+    times = {
+        1: {"kernel": 1.0, "solve": 2.0, "agop": 5.0, "sqrt": 0.5, "features": 0.25,
+            "predict": 0.125, "metrics": 1.5, "centers": 0.75},
+        2: {"kernel": 1.5, "solve": 2.5, "agop": 6.0, "sqrt": None, "features": 0.25,
+            "predict": None, "metrics": 1.5},
+        3: {"kernel": 2.0, "solve": 3.0, "agop": 7.0, "sqrt": 0.5, "features": 0.5,
+            "predict": 0.25, "metrics": 1.0},
+        4: {"kernel": 3.0, "solve": 4.0, "predict": 0.25, "metrics": 0.5},  # final solve
+    }
+    rows = []
+    for layer, t in times.items():
+        stages = ("input",) if layer == 4 else ("input", "agop", "features")
+        for i, stage in enumerate(stages):
+            nc1 = 2.0 ** -(3 * layer + i)
+            rows.append({"layer": layer, "stage": stage, "nc1": nc1, "nc2": nc1,
+                         "train_acc": 1.0, "test_acc": 0.5, "jitter": 0.0,
+                         "solve_dtype": "float64", "kernel_dtype": "float32",
+                         "dtype": "float32", "solver": "nystrom", "trusted": True,
+                         "seconds": 1.0, **{f"seconds_{k}": v for k, v in t.items()}})
+    return rows, times
+
+
+def test_summary_step_seconds_are_the_column_sums_over_layers():
+    """summary.json's step_seconds: every step's seconds summed over the layers (each layer
+    once, not once per stage row), None and missing counted as 0, extra step columns kept;
+    dominant_step is the largest; the terminal summary lists the largest steps."""
+    from agop.experiments.rfm import summarize, summary_text
+
+    rows, times = _timed_rows()
+    summary = summarize(rows, [], 10)
+    want = {}
+    for t in times.values():
+        for k, v in t.items():
+            want[k] = want.get(k, 0.0) + (v or 0.0)
+    got = summary["step_seconds"]
+    assert set(got) == set(want) and got == pytest.approx(want)
+    assert list(got)[:7] == ["kernel", "solve", "agop", "sqrt", "features", "predict",
+                             "metrics"]
+    assert got["agop"] == 18.0 and got["sqrt"] == 1.0 and got["centers"] == 0.75
+    assert summary["dominant_step"] == "agop" == max(want, key=want.get)
+    assert summary["metric_seconds"] == 4.5
+    total = sum(want.values())
+    line = next(l for l in summary_text(summary).splitlines() if l.startswith("time by step"))
+    assert line.startswith(f"time by step: agop {100 * 18 / total:.0f}% (18.0 s), solve "
+                           f"{100 * 11.5 / total:.0f}% (11.5 s), kernel")
+    assert "other" in line
+
+    # nothing timed (rows of an older record, or every time None): no dominant step
+    bare = [{k: (None if k.startswith("seconds") else v) for k, v in r.items()} for r in rows]
+    s = summarize(bare, [], 10)
+    assert s["dominant_step"] is None and set(s["step_seconds"].values()) == {0.0}
+    assert "time by step" not in summary_text(s)
+
+
+def test_step_seconds_figure_stacks_each_layers_seconds(tmp_path, monkeypatch):
+    """rfm_step_seconds writes its file; each step is one bar series whose heights are that
+    step's seconds per layer, stacked on the steps below it; a step that never took time has
+    no bars."""
+    from agop.experiments import figures
+
+    rows, times = _timed_rows()
+    rows = [{**r, "seconds_unused": None} for r in rows]
+    drawn = []
+    original = figures.save
+
+    def keep(fig, path, pdf=False):
+        drawn.append(fig)
+        return original(fig, path, pdf)
+
+    monkeypatch.setattr(figures, "save", keep)
+    paths = figures.rfm_step_seconds(rows, tmp_path / "steps", title="test", pdf=True)
+    assert [p.name for p in paths] == ["steps.png", "steps.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    (ax,) = drawn[0].axes
+    bars = {c.get_label(): c for c in ax.containers}
+    assert list(bars) == ["kernel", "solve", "agop", "sqrt", "features", "predict", "metrics",
+                          "centers"]  # no "unused": it never took time
+    layers = sorted(times)
+    below = [0.0] * len(layers)
+    for step, container in bars.items():
+        want = [times[l].get(step) or 0.0 for l in layers]
+        assert [p.get_height() for p in container.patches] == pytest.approx(want), step
+        assert [p.get_y() for p in container.patches] == pytest.approx(below), step
+        assert [p.get_x() + p.get_width() / 2 for p in container.patches] == pytest.approx(layers)
+        below = [b + w for b, w in zip(below, want)]
+    assert len(ax.patches) == len(bars) * len(layers)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "centers"  # top first

@@ -107,6 +107,120 @@ def test_reproduced_page_embeds_every_figure(tiny):
     _self_contained(page)
 
 
+# ----------------------------------------------------------------------------- scale and solver
+def _marks(page: str) -> dict[str, str]:
+    """The mark line of every run section: run name -> its text (tags removed), one per run
+    (each section repeats the same line)."""
+    out = {}
+    for scale, text in re.findall(r'<p class="meta mark" data-scale="([^"]*)">(.*?)</p>', page,
+                                  re.S):
+        name = re.search(r"\(([^()]*)\):", text).group(1)
+        line = re.sub(r"<[^>]+>", "", text)
+        assert out.setdefault(name, (scale, line)) == (scale, line), name
+    return out
+
+
+def test_every_run_section_is_marked_with_its_scale_and_solver(tiny, tmp_path):
+    """The tiny reproduction: each run's sections, the headline table and the runs table carry
+    the scale and (Deep RFM) the solver that ran; the same when the report is rebuilt from the
+    folders alone (no scale given: it is read from each run's settings)."""
+    page = (tiny / "report.html").read_text()
+    marks = _marks(page)
+    assert set(marks) == {"rfm-digits", "mlp-digits", "theory"}
+    assert marks["rfm-digits"] == ("tiny", "Deep RFM, digits (rfm-digits): scale tiny · n = 200 "
+                                   "training points, 100 test · 3 layers · solver exact · not "
+                                   "the paper's sizes")
+    assert marks["mlp-digits"][0] == "tiny" and "3 hidden layers, 6 epochs" in marks["mlp-digits"][1]
+    assert marks["theory"][0] == "fixed" and "the same at every scale" in marks["theory"][1]
+    for section in ("fig2", "fig6", "fig4", "fig7", "fig8", "theory", "checks"):
+        body = page.split(f'<section id="{section}">', 1)[1].split("</section>", 1)[0]
+        assert 'class="meta mark"' in body, section
+    numbers = json.loads((tiny / "summary.json").read_text())
+    config = json.loads((tiny / "runs" / "rfm-digits" / "config.json").read_text())
+    assert config["solver"] == "exact"  # the record the mark is read from
+    assert {r["name"]: r["scale"] for r in numbers["runs"]} == {
+        "rfm-digits": "tiny", "mlp-digits": "tiny", "theory": "fixed"}
+    assert numbers["rfm"][0]["solver"] == "exact" and numbers["rfm"][0]["scale"] == "tiny"
+    rfm_claims = [c for c in numbers["claims"] if "rfm-digits" in c["run"]]
+    assert rfm_claims and all((c["scale"], c["solver"]) == ("tiny", "exact") for c in rfm_claims)
+    assert page.count('<td class="mark">tiny; exact</td>') == len(rfm_claims)
+    assert '<td class="mark">tiny</td><td class="mark">exact</td>' in page  # the runs table
+    assert 'data-scale="paper"' not in page and "paper; " not in page
+
+    rebuilt = build_report([tiny / "runs" / n for n in ("rfm-digits", "mlp-digits", "theory")],
+                           tmp_path / "r.html")
+    assert _marks(rebuilt.read_text()) == marks
+
+
+def test_the_step_time_of_each_deep_rfm_run_is_shown(tiny):
+    """Each Deep RFM section shows where its time went: the step_seconds figure and which step
+    dominates, as the run's metrics.csv gives it; the numbers file has the same seconds."""
+    from agop.experiments.records import read_csv
+    from agop.experiments.rfm import step_seconds
+
+    page = (tiny / "report.html").read_text()
+    body = page.split('<section id="fig6">', 1)[1].split("</section>", 1)[0]
+    totals, dominant = step_seconds(read_csv(tiny / "runs" / "rfm-digits" / "metrics.csv"))
+    assert f"Deep RFM, digits (rfm-digits): the {dominant} step dominates the time" in body
+    assert 'alt="seconds per step and layer, Deep RFM, digits (rfm-digits)"' in body
+    entry = json.loads((tiny / "summary.json").read_text())["rfm"][0]
+    assert entry["step_seconds"] == pytest.approx(totals) and entry["dominant_step"] == dominant
+
+
+def _planned_run(tmp_path, scale, kind, dataset, rows, name=None, **config):
+    """A run folder with the settings ``agop reproduce --scale SCALE`` gives ``kind`` on
+    ``dataset`` (its caps included), and ``rows`` as its table."""
+    from agop.experiments.mlp import MLP_DEFAULTS
+    from agop.experiments.rfm import RFM_DEFAULTS
+    from agop.models.mlp import PRESETS
+    from agop.report.plan import plan
+
+    exp = next(e for e in plan(scale, [dataset])[0] if e.kind == kind)
+    base = (RFM_DEFAULTS if kind == "rfm"
+            else {**MLP_DEFAULTS, **PRESETS[exp.settings.get("preset", "paper")]})
+    settings = {**base, **exp.settings}
+    run = RunDir.create(tmp_path / (name or exp.name), kind, settings)
+    run.write_metrics(rows)
+    run.update_config(data={"name": dataset, "train": settings["n"],
+                            "test": settings["test_n"] or 0}, **config)
+    return run.path
+
+
+def test_a_quick_scale_section_is_never_marked_paper(tmp_path, rfm_rows, mlp_rows):
+    """Runs of the quick and the paper scale in one report (digits: n capped at 1,500 either
+    way): each is marked with its own scale and solver, whatever scale the report is told; the
+    paper's exact cross-check is marked paper, exact; settings of no scale are custom."""
+    quick = _planned_run(tmp_path, "quick", "rfm", "digits", rfm_rows, solver="exact")
+    paper = _planned_run(tmp_path, "paper", "rfm", "digits", rfm_rows, name="rfm-digits-paper",
+                         solver="nystrom", centers={"count": 1500, "file": "centers.npy"})
+    mlp = _planned_run(tmp_path, "quick", "mlp", "digits", mlp_rows)
+    check = RunDir.create(tmp_path / "rfm-mnist-exact", "rfm",
+                          {"dataset": "mnist", "n": 10000, "depth": 20, "solver": "exact"})
+    check.write_metrics(rfm_rows)
+    check.update_config(data={"name": "mnist", "train": 10000, "test": 1000}, solver="exact")
+    other = RunDir.create(tmp_path / "rfm-custom", "rfm",
+                          {"dataset": "digits", "n": 1500, "depth": 20, "width": 64})
+    other.write_metrics([{**r, "solver": "nystrom", "centers": 300} for r in rfm_rows])
+    other.update_config(data={"name": "digits", "train": 1500, "test": 0})
+    runs = [quick, paper, mlp, check.path, other.path]
+    for told in (None, "paper", "quick"):
+        out = build_report(runs, tmp_path / f"r-{told}.html", scale=told)
+        marks = _marks(out.read_text())
+        assert {k: v[0] for k, v in marks.items()} == {
+            "rfm-digits": "quick", "rfm-digits-paper": "paper", "mlp-digits": "quick",
+            "rfm-mnist-exact": "paper", "rfm-custom": "custom"}, told
+        assert "solver Nyström, M = 1,500 centers" in marks["rfm-digits-paper"][1]
+        assert "not the paper's sizes" in marks["rfm-digits"][1]
+        assert "not the paper's sizes" not in marks["rfm-digits-paper"][1]
+        numbers = json.loads(out.with_suffix(".json").read_text())
+        got = {r["path"]: (r["scale"], r.get("solver"), r.get("centers")) for r in numbers["runs"]}
+        assert got == {str(quick): ("quick", "exact", None),
+                       str(paper): ("paper", "nystrom", 1500),
+                       str(mlp): ("quick", None, None),
+                       str(check.path): ("paper", "exact", None),
+                       str(other.path): ("custom", "nystrom", 300)}, told
+
+
 # ----------------------------------------------------------------------------- browser
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser"):

@@ -107,6 +107,51 @@ def rfm_gram(grams: list[tuple], path: str | os.PathLike, *,
 
 
 
+#: Colors of the steps of a Deep RFM layer (Algorithm 1's work), then of the measurement
+#: (test predictions, collapse metrics: grays); a step not listed takes a color of Dark2.
+RFM_STEP_COLORS = {"kernel": "tab:blue", "solve": "tab:orange", "agop": "tab:green",
+                   "sqrt": "tab:red", "features": "tab:purple", "predict": "silver",
+                   "metrics": "dimgray"}
+
+
+def rfm_step_seconds(rows: list[dict], path: str | os.PathLike, *, title: str | None = None,
+                     pdf: bool = False) -> list[Path]:
+    """Where the time of a Deep RFM run went: seconds per step, stacked, for every layer.
+
+    ``rows``: ``agop rfm`` metrics rows with ``seconds_<step>`` columns (each stage row of a
+    layer carries the layer's times; missing or None: 0). Steps as
+    :func:`agop.experiments.rfm.layer_step_seconds` reads them, in that order from the bottom;
+    a step that took no time in any layer is left out. The last layer (the final solve) has
+    no AGOP, M^{1/2} or features step.
+    """
+    from agop.experiments.rfm import layer_step_seconds
+
+    per_layer = layer_step_seconds(rows)
+    layers = list(per_layer)
+    steps = list(next(iter(per_layer.values()), {}))
+    steps = [k for k in steps if any(per_layer[l][k] > 0 for l in layers)]
+    spare = iter(plt.cm.Dark2.colors)  # for steps not in RFM_STEP_COLORS
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bottom = [0.0] * len(layers)
+    for k in steps:
+        heights = [per_layer[l][k] for l in layers]
+        ax.bar(layers, heights, bottom=bottom, width=0.8, label=k,
+               color=RFM_STEP_COLORS.get(k) or next(spare, "black"))
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("seconds")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_axisbelow(True)
+    if steps:
+        handles, labels = ax.get_legend_handles_labels()  # top of the stack first
+        ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Deep RFM: seconds per step and layer" + (f" ({title})" if title else ""),
+                 fontsize=10)
+    return save(fig, path, pdf)
+
+
 # ============================================================================ MLP figures
 # (Figures 1, 7, 8) -- owned by the MLP work
 

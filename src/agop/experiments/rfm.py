@@ -20,6 +20,7 @@ import torch
 
 from agop._validate import check_int, finite_positive, metric_float, to_numpy
 from agop.backend import dtype_name, resolve_device, strict_fp32, synchronize
+from agop.allocator import release_freed_memory, retained_memory
 from agop import distributed
 from agop.experiments.common import (Refused, checked, checkpoint_loop, data_config, load_data,
                                      load_shard, on_root, record_device, record_threads,
@@ -38,6 +39,7 @@ TEST_N_DEFAULT = 1000  # test_n=None: up to this many test points
 GRAM_POINTS = 500  # class-balanced training subset whose Gram matrices are kept (Figure 2)
 GRAM_PANELS = 6
 CENTERS_FILE = "centers.npy"  # a Nyström run's centers: global row indices (int64)
+STEP_FIGURE = "step_seconds"  # figures/<this>.png: seconds per step and layer
 
 
 def gram_layers(depth: int, panels: int = GRAM_PANELS) -> list[int]:
@@ -182,12 +184,63 @@ def gram_summary(grams: list[tuple[int, np.ndarray, np.ndarray]],
     }
 
 
+def _seconds(v: Any) -> float:
+    """A recorded time as a float; missing, None, text or non-finite: 0."""
+    v = metric_float(v)
+    return v if math.isfinite(v) else 0.0
+
+
+def step_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The steps with a ``seconds_<step>`` column in ``rows``: :data:`COLUMN_STEPS` first (all
+    of them, recorded or not), then any other such column in the order it first appears."""
+    names = list(COLUMN_STEPS)
+    for r in rows:
+        names += [k[8:] for k in r if k.startswith("seconds_") and k[8:] and k[8:] not in names]
+    return names
+
+
+def layer_step_seconds(rows: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Seconds per step of each layer: layer → {step: seconds} over :func:`step_names`.
+
+    Every stage row of a layer carries the layer's times, so each layer is read once (its first
+    row). A time that is missing, None, not a number or not finite counts as 0 (a step that did
+    not run, e.g. ``predict`` without test points, or a record written before the column).
+    """
+    names = step_names(rows)
+    out: dict[int, dict[str, float]] = {}
+    for r in rows:
+        layer = r.get("layer")
+        if layer in out or layer is None:
+            continue
+        out[layer] = {k: _seconds(r.get(f"seconds_{k}")) for k in names}
+    return dict(sorted(out.items()))
+
+
+def step_seconds(rows: list[dict[str, Any]]) -> tuple[dict[str, float], str | None]:
+    """Where a Deep RFM run's time went: total seconds per step over all layers, and the step
+    with the most (None when nothing was timed).
+
+    Steps as :func:`layer_step_seconds` reads them: Algorithm 1's ``kernel``, ``solve``,
+    ``agop``, ``sqrt``, ``features`` and the measurement's ``predict`` (test accuracy) and
+    ``metrics``; a Nyström layer books its center kernels under ``kernel`` and its QR solve
+    under ``solve``. Ties go to the earlier step.
+    """
+    totals = {k: 0.0 for k in step_names(rows)}
+    for per_step in layer_step_seconds(rows).values():
+        for k, v in per_step.items():
+            totals[k] += v
+    top = max(totals, key=totals.__getitem__) if totals else None
+    return totals, top if top is not None and totals[top] > 0 else None
+
+
 def summarize(rows: list[dict[str, Any]], grams: list[tuple[int, np.ndarray, np.ndarray]],
               num_classes: int) -> dict[str, Any]:
-    """summary.json of a finished run: :func:`headline` under the run's names, the seconds,
-    the precision fallbacks and :func:`gram_summary`."""
+    """summary.json of a finished run: :func:`headline` under the run's names, the seconds
+    (``step_seconds``, ``dominant_step``: :func:`step_seconds`), the precision fallbacks and
+    :func:`gram_summary`."""
     h = headline(rows)
     depth = h["last_layer"] - 1
+    steps, dominant = step_seconds(rows)
     inputs = [r for r in rows if r["stage"] == "input"]
     out: dict[str, Any] = {
         "depth": depth,
@@ -201,8 +254,10 @@ def summarize(rows: list[dict[str, Any]], grams: list[tuple[int, np.ndarray, np.
         "nc2_last_input": h["nc2_last"],
         "final_train_acc": h["train_acc"],
         "final_test_acc": inputs[-1]["test_acc"],
-        "layer_seconds": sum(r["seconds"] for r in inputs),
-        "metric_seconds": sum(r["seconds_metrics"] for r in inputs),
+        "layer_seconds": sum(_seconds(r.get("seconds")) for r in inputs),
+        "metric_seconds": sum(_seconds(r.get("seconds_metrics")) for r in inputs),
+        "step_seconds": steps,
+        "dominant_step": dominant,
         "fallbacks": [{"layer": r["layer"], "kernel_dtype": r["kernel_dtype"],
                        "solve_dtype": r["solve_dtype"], "jitter": r["jitter"]}
                       for r in inputs if r["jitter"] or r["kernel_dtype"] != r["dtype"]
@@ -245,6 +300,16 @@ def summary_text(summary: dict[str, Any]) -> str:
         + ("" if s["final_test_acc"] is None else f", test accuracy {f('final_test_acc', '.4f')}"),
         f"{f('layer_seconds', '.1f')} s in the layers, {f('metric_seconds', '.1f')} s in metrics",
     ]
+    steps = {k: v for k, v in (s.get("step_seconds") or {}).items()
+             if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
+    if steps:
+        total = sum(steps.values())
+        top = sorted(steps.items(), key=lambda kv: -kv[1])
+        parts = [f"{k} {100 * v / total:.0f}% ({v:.1f} s)" if v >= 0.1
+                 else f"{k} {100 * v / total:.0f}% ({v:.2g} s)" for k, v in top[:3]]
+        if len(top) > 3:
+            parts.append(f"other {100 * sum(v for _, v in top[3:]) / total:.0f}%")
+        lines.append("time by step: " + ", ".join(parts))
     if "gram_last" in s:
         g = s["gram_last"]
         lines.append(f"Gram of layer {g['layer']} ({g['points']} points): same class "
@@ -263,6 +328,7 @@ def _figures(run: Any, rows: list[dict[str, Any]], classes: list[str] | None, ti
     from agop.experiments import figures
 
     figures.rfm_collapse(rows, run.figures_dir / "collapse", title=title, pdf=pdf)
+    figures.rfm_step_seconds(rows, run.figures_dir / STEP_FIGURE, title=title, pdf=pdf)
     grams = load_grams(run.path)
     if grams:
         figures.rfm_gram(grams, run.figures_dir / "gram", classes=classes, title=title, pdf=pdf)
@@ -776,6 +842,8 @@ def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: floa
         row_start = data.shard.rows[0]
 
     def on_step(step: LayerStep) -> dict[str, str]:
+        if retain:
+            release_freed_memory()  # what a layer kept for reuse goes back between layers
         new = meter(step)
         rows.extend(new)
         if step.layer in keep:
@@ -796,8 +864,14 @@ def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: floa
                                  "rows": rows})  # after the records it matches
         return {"nc1": f"{new[0]['nc1']:.3g}"}
 
-    checkpoint_loop(steps, on_step, total=model.depth + 1, initial=model.layers_done_,
-                    progress=progress, desc="agop rfm", unit="layer")
+    # Nyström layers allocate the same large blocks (K_NC, distances, AGOP chunks) again and
+    # again: keep freed memory for reuse (agop.allocator: 13:16 instead of ~15 min and 6.9
+    # instead of 4.9 GB for full MNIST); the exact path's few N × N blocks would only grow
+    # its peak (+60% at N = 8,000), so it keeps glibc's defaults
+    retain = model.solver_ == "nystrom" and model.device_.type == "cpu"
+    with retained_memory() if retain else contextlib.nullcontext():
+        checkpoint_loop(steps, on_step, total=model.depth + 1, initial=model.layers_done_,
+                        progress=progress, desc="agop rfm", unit="layer")
     if not root:
         return None
 

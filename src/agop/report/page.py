@@ -12,6 +12,10 @@ datasets): NC1 of each layer's input, S Vᵀ stage and output over training; Fig
 matrices of Deep RFM layer inputs; Figure 3 (Deep RFM, CIFAR-10) and Figure 6 (other datasets):
 NC1 and NC2 per layer at the input, agop and features stages; Figure 4: Proposition 5.1's
 feature distance; Figure 8: variability shares, NFA correlations and loss of the MLP.
+
+Every run section is marked with the run's scale, size and (Deep RFM) solver, read from its own
+records (:class:`Mark`, :func:`run_mark`), and each Deep RFM section shows where its time went
+(:class:`StepTime`: ``figures/step_seconds.png`` and the step that dominates).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from agop.report.numbers import (DISPLAY_NAMES, KINDS, MAIN_DATASET, Run, acc, c
                                  rfm_headline, run_record, seconds, settings_text,
                                  theory_claims, theory_numbers)
 
-__all__ = ["build_report", "check_targets", "render"]
+__all__ = ["Mark", "build_report", "check_targets", "render", "run_mark", "run_scale",
+           "run_solver"]
 
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
@@ -72,6 +77,202 @@ class TheoryFigure:
     image: str
 
 
+@dataclass(frozen=True)
+class Mark:
+    """What a run's sections are marked with, read from the run's own records: the scale its
+    settings belong to, its size and, for Deep RFM, the solver that ran.
+
+    ``scale``: "tiny", "quick" or "paper" (:func:`run_scale`), "custom" (the settings of no
+    scale), "fixed" (the theory checks: one size at every scale). ``n``: training points
+    (``config["data"]["train"]``), ``test``: test points; ``depth``: Deep RFM's AGOP layers or
+    the MLP's hidden layers; ``epochs``: the MLP's; ``solver``: "exact" or "nystrom" as
+    config.json (else metrics.csv's ``solver`` column) records it, None where not recorded;
+    ``centers``: M of a Nyström run. The theory's Theorem 5.5 problem: ``dataset``, ``n`` per
+    class in ``per_class``.
+    """
+
+    kind: str
+    scale: str
+    n: int | None = None
+    test: int | None = None
+    depth: int | None = None
+    epochs: int | None = None
+    solver: str | None = None
+    centers: int | None = None
+    dataset: str | None = None
+    per_class: int | None = None
+
+    @property
+    def scale_text(self) -> str:
+        """The scale as the page names it."""
+        return {"custom": "custom (the sizes of no scale)",
+                "fixed": "the same at every scale"}.get(self.scale, self.scale)
+
+    @property
+    def solver_text(self) -> str:
+        """The solver as the page names it: "exact", "Nyström, M = 4,000 centers" or "not
+        recorded"; empty outside Deep RFM."""
+        if self.kind != "rfm":
+            return ""
+        if self.solver == "nystrom":
+            return "Nyström" + (f", M = {self.centers:,} centers" if self.centers else "")
+        return self.solver or "not recorded"
+
+    @property
+    def short(self) -> str:
+        """One cell of a table: the scale, and the solver of a Deep RFM run."""
+        return self.scale_text + (f"; {self.solver_text}" if self.kind == "rfm" else "")
+
+    def record(self) -> dict[str, Any]:
+        """The mark in the report's numbers file."""
+        out = {"scale": self.scale}
+        if self.kind == "rfm":
+            out.update(solver=self.solver, centers=self.centers)
+        return out
+
+
+def _int(v: Any) -> int | None:
+    """A recorded count as an int; None for anything that is not a finite number."""
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+        and math.isfinite(v) else None
+
+
+def _planned(kind: str, dataset: Any, sizes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings a scale's ``sizes`` give a run of ``kind`` on ``dataset`` before the caps of
+    :func:`agop.report.plan.plan` (Deep RFM: the run, and the exact cross-check if any)."""
+    if kind not in sizes:
+        return []
+    out = [{**sizes[kind], **sizes.get(f"{kind}:{dataset}", {})}]
+    if kind == "rfm" and "rfm-check" in sizes:
+        check = {**sizes["rfm"], **sizes["rfm-check"]}
+        check.pop("centers", None)
+        out.append(check)
+    return out
+
+
+def _matches(run: Run, want: dict[str, Any]) -> bool:
+    """Whether the run's settings are ``want`` (a scale's sizes) with every other setting at
+    its default, allowing the caps of :func:`agop.report.plan.plan`: ``n`` and ``test_n`` cut
+    to what the files held (``config["data"]``), ``test_n`` 0 without a test split, the
+    Nyström centers cut to ``n``."""
+    from agop.experiments.mlp import MLP_DEFAULTS
+    from agop.experiments.rfm import RFM_DEFAULTS
+    from agop.models.mlp import PRESETS
+
+    if run.kind == "rfm":
+        defaults = dict(RFM_DEFAULTS)
+    else:
+        preset = want.get("preset", MLP_DEFAULTS["preset"])
+        defaults = {**MLP_DEFAULTS, **PRESETS.get(preset, {})}
+    have = run.folder.settings
+    data = run.data
+    expected = {**defaults, **want}
+    for key, v in expected.items():
+        if key in ("dataset", "device", "data_dir"):  # where it ran, not what it computed
+            continue
+        h = have.get(key, defaults.get(key))
+        if h == v:
+            continue
+        count = data.get("train" if key == "n" else "test")
+        capped = (key in ("n", "test_n") and isinstance(v, int) and _int(h) is not None
+                  and h < v and h == count)
+        no_test = key == "test_n" and h == 0 and not count
+        centers = (key == "centers" and isinstance(v, int) and _int(h) is not None and h < v
+                   and h == have.get("n"))
+        if not (capped or no_test or centers):
+            return False
+    return True
+
+
+def run_scale(run: Run, scale: str | None = None) -> str:
+    """The scale of :data:`agop.report.plan.SCALES` whose plan gives the run's settings
+    (``scale``, the one the report was made at, is tried first); "custom" for none, "fixed"
+    for the theory checks (not sized by a scale). Read from the run's config.json alone, so a
+    run keeps its scale in a report of runs from several scales."""
+    from agop.report.plan import SCALES  # the sizes only (a constant): nothing is planned here
+
+    if run.kind == "theory":
+        return "fixed"
+    order = ([scale] if scale in SCALES else []) + [s for s in SCALES if s != scale]
+    for name in order:
+        if any(_matches(run, want) for want in _planned(run.kind, run.dataset, SCALES[name])):
+            return name
+    return "custom"
+
+
+def run_solver(run: Run) -> tuple[str | None, int | None]:
+    """(solver, centers) of a Deep RFM run as it ran: config.json's ``solver`` and
+    ``centers.count``; else metrics.csv's ``solver``/``centers`` columns (written by Nyström
+    layers only: a table without them ran exact); (None, None) without either record."""
+    c = run.config
+    solver = c.get("solver") if c.get("solver") in ("exact", "nystrom") else None
+    centers = c.get("centers")
+    centers = _int(centers.get("count")) if isinstance(centers, dict) else None
+    if solver is None and run.rows:
+        nystrom = [r for r in run.rows if r.get("solver") == "nystrom"]
+        solver = "nystrom" if nystrom else "exact" if not any("solver" in r for r in run.rows) \
+            else None
+        if nystrom and centers is None:
+            centers = _int(nystrom[0].get("centers"))
+    return solver, centers if solver == "nystrom" else None
+
+
+def run_mark(run: Run, scale: str | None = None) -> Mark:
+    """The :class:`Mark` of a run (see there), from its config.json, metrics.csv and
+    summary.json."""
+    s, data, summary = run.folder.settings, run.data, run.summary or {}
+    if run.kind == "theory":
+        return Mark("theory", "fixed", dataset=summary.get("krr_dataset"),
+                    per_class=_int(summary.get("krr_per_class")))
+    common = dict(n=_int(data.get("train", s.get("n"))), test=_int(data.get("test")),
+                  depth=_int(s.get("depth")))
+    if run.kind == "rfm":
+        solver, centers = run_solver(run)
+        return Mark("rfm", run_scale(run, scale), solver=solver, centers=centers, **common)
+    return Mark(run.kind, run_scale(run, scale), epochs=_int(s.get("epochs")), **common)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Where a Deep RFM run's time went (:func:`agop.experiments.rfm.step_seconds`): the
+    ``seconds`` of every step, ``steps`` (step, seconds, share of ``total``) of those that
+    took any, largest first, the ``dominant`` step, the number of ``layers`` timed and the
+    figure (data URI; None: nothing timed)."""
+
+    seconds: dict[str, float]
+    steps: list[tuple[str, float, float]]
+    total: float
+    dominant: str | None
+    layers: int
+    image: str | None
+
+
+def _step_time(run: Run) -> StepTime:
+    """The run's :class:`StepTime`; its figure is the run's own ``figures/step_seconds.png``,
+    else drawn from its rows for the page (a run made before the figure existed)."""
+    import tempfile
+
+    from agop.experiments import figures
+    from agop.experiments.rfm import STEP_FIGURE, layer_step_seconds, step_seconds
+
+    totals, dominant = step_seconds(run.rows)
+    total = sum(totals.values())
+    steps = sorted(((k, v, v / total) for k, v in totals.items() if v > 0),
+                   key=lambda t: -t[1]) if total > 0 else []
+    image = None
+    if dominant is not None:
+        own = [p for p in run.figures if p.stem == STEP_FIGURE]
+        if own:
+            image = _data_uri(own[0])
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                n = _int(run.data.get("train"))
+                title = f"{run.data.get('name', run.dataset)}, N = {_count(n)}"
+                drawn = figures.rfm_step_seconds(run.rows, Path(tmp) / STEP_FIGURE, title=title)
+                image = _data_uri(drawn[0])
+    return StepTime(totals, steps, total, dominant, len(layer_step_seconds(run.rows)), image)
+
+
 # ============================================================================ rendering
 @functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
@@ -79,7 +280,7 @@ def _environment() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=num, pct=pct, acc=acc, dataset_name=_dataset_name,
-                       seconds=_seconds_text)
+                       seconds=_seconds_text, duration=_duration, count=_count)
     env.tests["passed"] = passed
     return env
 
@@ -90,6 +291,16 @@ def _dataset_name(name: Any) -> str:
 
 def _seconds_text(v: float) -> str:
     return f"{v:.1f}" if math.isfinite(v) else ""
+
+
+def _duration(v: float) -> str:
+    """Seconds for prose: one decimal, two significant digits below 0.1 s."""
+    return f"{v:.1f}" if v >= 0.1 else f"{v:.2g}"
+
+
+def _count(v: Any) -> str:
+    """A count with thousands separators ("50,000"); unknown: "?"."""
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else "?"
 
 
 def _stylesheet() -> Markup:
@@ -294,6 +505,10 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
     mlp_main = [t for t in mlp if t[0].dataset == MAIN_DATASET]
     mlp_other = [t for t in mlp if t[0].dataset != MAIN_DATASET]
     said = {r.name: {c.figure: c.measured for c in theory_claims(r, x)} for r, x in theory}
+    # every run's scale and solver, from its own records (not from the plan of this report)
+    marks = {r.name: run_mark(r, scale) for r in runs}
+    by_label = {r.label: marks[r.name] for r in runs}
+    timing = {r.name: _step_time(r) for r, _, _ in rfm}
     page = render(
         version=__version__, built=built, scale=scale,
         kinds=[(k, sum(r.kind == k for r in runs)) for k in KINDS
@@ -312,6 +527,7 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
         cross={k: _data_uri(p) for k, p in cross.items()},
         theory=theory,
         runs=[(r, settings_text(r), seconds(r, timings), notes.get(r.name, "")) for r in runs],
+        marks=marks, marks_by_label=by_label, timing=timing,
     )
     atomic_write_text(out_file, page)
 
@@ -320,12 +536,16 @@ def build_report(run_dirs: Iterable[Any], out_file: Any, *, summary_file: Any = 
         "agop_version": __version__,
         "created": built,
         "scale": scale, "report": str(out_file), "skipped": list(skipped),
-        "runs": [run_record(r, timings, notes) for r in runs],
+        "runs": [{**run_record(r, timings, notes), **marks[r.name].record()} for r in runs],
         "damaged": {r.name: list(r.problems) for r in damaged},
-        "rfm": [{"run": r.name, "dataset": r.dataset, **x, "gram_last": g} for r, x, g in rfm],
+        "rfm": [{"run": r.name, "dataset": r.dataset, **x, "gram_last": g,
+                 **marks[r.name].record(),
+                 "step_seconds": timing[r.name].seconds,
+                 "dominant_step": timing[r.name].dominant} for r, x, g in rfm],
         "mlp": [{"run": r.name, "dataset": r.dataset, **x} for r, x in mlp],
         "theory": [{"run": r.name, **x} for r, x in theory],
-        "claims": [vars(c) for c in found],
+        "claims": [{**vars(c), **(by_label[c.run].record() if c.run in by_label else {})}
+                   for c in found],
         "figures": [str(p) for p in cross_files],
     }
     atomic_write_json(summary_file, summary)
