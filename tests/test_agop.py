@@ -472,3 +472,219 @@ def test_model_agop_of_float32_inputs_accumulates_in_float64():
     R = torch.arange(6.0).reshape(2, 3)
     M = model_agop(lambda x: x @ R.T, torch.ones(4, 3), batch_size=3)
     assert M.dtype == torch.float64 and torch.equal(M, (R.T @ R).double())
+
+
+# ------------------------------------------------------------------ memory plans and chunks
+def _spy_plans(monkeypatch, rows=7):
+    """Replace agop.agop.plan_rows by a recorder that plans ``rows`` rows per chunk."""
+    import agop.agop as agop_module
+
+    calls = []
+
+    def plan(bytes_per_row, total_rows, device, **kw):
+        calls.append((bytes_per_row, total_rows, torch.device(device), kw))
+        return rows
+
+    monkeypatch.setattr(agop_module, "plan_rows", plan)
+    return calls
+
+
+def test_direct_form_plans_its_chunks_from_the_arrays_it_allocates(monkeypatch):
+    # Per row of P: its distances, kernel values and weights (3 rows of N), its K gradient rows
+    # (K·D), its row of X̃ or P (D) and its G × K block of F; fixed: the shifted centers and one
+    # scaled copy of them (2 of N × D) and M (D × D); all in the centers' itemsize. N, n, D, K, G
+    # are distinct, so a wrong term or factor changes the numbers.
+    from agop.kernels import class_groups
+
+    cpu = torch.device("cpu")
+    C, A, P = _data(N=37, D=5, K=3, n_new=23, seed=10)
+    N, D, K = 37, 5, 3
+    k = LaplaceKernel()
+    cases = [  # (centers, coef, points, groups, n, G, itemsize)
+        (C.float(), A.float(), None, class_groups(torch.arange(N) % 4), N, 4, 4),
+        (C, A, P, None, 23, 1, 8),
+    ]
+    for Ci, Ai, Pi, groups, n, G, item in cases:
+        calls = _spy_plans(monkeypatch)
+        M = kernel_agop(k, Ci, Ai, points=Pi, method="direct", groups=groups)
+        per_row = (3 * N + K * D + D + G * K) * item
+        fixed = (2 * N * D + D * D) * item
+        assert calls == [(per_row, n, cpu, {"fixed_bytes": fixed})], (n, G, item)
+        # the planned 7 rows are what it chunks by (the same sums as chunk_rows=7)
+        assert torch.equal(M, kernel_agop(k, Ci, Ai, points=Pi, method="direct", groups=groups,
+                                          chunk_rows=7))
+        assert len(calls) == 1  # an explicit chunk_rows is not replanned
+
+
+def test_gram_form_plans_its_chunks_from_the_arrays_it_allocates(monkeypatch):
+    # W: 3 rows of N per row (distances, kernel values, weights), fixed 3 N × N (W and the
+    # products of the gram form that follow it); the gram form: 4 rows of N per row (the chunk
+    # products it forms), fixed 2 N × N (W and W²); in the dtype each step runs in. A refused
+    # float32 try plans again for its float64 redo. An explicit chunk_rows plans nothing.
+    import agop.agop as agop_module
+
+    cpu = torch.device("cpu")
+
+    def plans(N, item):
+        return [(3 * N * item, N, cpu, {"fixed_bytes": 3 * N * N * item}),
+                (4 * N * item, N, cpu, {"fixed_bytes": 2 * N * N * item})]
+
+    k = LaplaceKernel(2.0)
+    C, A, _ = _data(N=80, D=9, seed=5)  # spread: the float32 try is kept
+    for Ci, Ai, item in ((C, A, 8), (C.float(), A.float(), 4)):
+        calls = _spy_plans(monkeypatch)
+        info = {}
+        M = kernel_agop(k, Ci, Ai, method="gram", info=info)
+        assert info["precision"] == str(Ci.dtype).replace("torch.", "")
+        assert calls == plans(80, item), item
+        assert torch.equal(M, kernel_agop(k, Ci, Ai, method="gram", chunk_rows=7))
+        assert len(calls) == 2
+    # a refused float32 try redone by the float64 gram form (wide features, cheap float64)
+    monkeypatch.setattr(agop_module, "float64_slowdown", lambda device: 1.0)
+    X, coef, groups = _wide_collapsed_problem()
+    calls = _spy_plans(monkeypatch)
+    info = {}
+    M = kernel_agop(k, X.float(), coef.float(), groups=groups, method="gram", info=info)
+    assert info["fallback"] and (info["method"], info["precision"]) == ("gram", "float64")
+    assert calls == plans(60, 4) + plans(60, 8)
+    M7 = kernel_agop(k, X.float(), coef.float(), groups=groups, method="gram", chunk_rows=7)
+    assert torch.equal(M, M7) and len(calls) == 4
+
+
+def _wide_collapsed_problem(seed=6, K=3, per=20, D=150, spread=1e-3):
+    """N = 60 < K·D collapsed classes: a refused float32 gram try, whose float64 redo by the
+    gram form is cheaper than the direct form where float64 is fast."""
+    from agop.kernels import class_groups
+    from agop.solve import kernel_ridge
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(K).repeat_interleave(per)
+    means = torch.randn(K, D, generator=g, dtype=torch.float64)
+    X = means[y] / means[y].norm(dim=1, keepdim=True)
+    X = X + spread * torch.randn(K * per, D, generator=g, dtype=torch.float64)
+    X = X / X.norm(dim=1, keepdim=True)
+    Y = -torch.ones(K * per, K, dtype=torch.float64)
+    Y[torch.arange(K * per), y] = 1
+    return X, kernel_ridge(LaplaceKernel(2.0)(X), Y).coef, class_groups(y)
+
+
+def _spy_distances(monkeypatch):
+    """Wrap agop.agop.pairwise_distances: record (rows of X, groups) of every call."""
+    import agop.agop as agop_module
+
+    calls = []
+    real = agop_module.pairwise_distances
+
+    def spy(X, Z=None, **kw):
+        calls.append((X.shape[0], kw.get("groups")))
+        return real(X, Z, **kw)
+
+    monkeypatch.setattr(agop_module, "pairwise_distances", spy)
+    return calls
+
+
+def test_every_distance_is_computed_once_per_class_frame_and_given_distances_are_reused(
+        monkeypatch):
+    # ``groups``: every distance to the centers is computed about the class means — in the
+    # direct form, the float64 gram form, the float32 gram try and its float64 redo — each
+    # row of the centers once, in chunks of chunk_rows; given ``distances`` are not recomputed.
+    import agop.agop as agop_module
+    from agop.kernels import class_groups, pairwise_distances
+
+    k = LaplaceKernel(2.0)
+    C, A, _ = _data(N=80, D=9, seed=5)
+    groups = class_groups(torch.arange(80) % 3)
+    for Ci, Ai, method in ((C, A, "direct"), (C, A, "gram"), (C.float(), A.float(), "gram")):
+        calls = _spy_distances(monkeypatch)
+        info = {}
+        kernel_agop(k, Ci, Ai, method=method, groups=groups, chunk_rows=7, info=info)
+        assert info["precision"] == str(Ci.dtype).replace("torch.", "")  # float32 kept
+        assert [r for r, _ in calls] == [7] * 11 + [3], (method, Ci.dtype)
+        assert all(g is groups for _, g in calls), (method, Ci.dtype)
+        calls.clear()
+        kernel_agop(k, Ci, Ai, method="gram", groups=groups, distances=pairwise_distances(Ci))
+        assert calls == [], Ci.dtype
+    monkeypatch.setattr(agop_module, "float64_slowdown", lambda device: 1.0)
+    X, coef, groups = _wide_collapsed_problem()
+    calls = _spy_distances(monkeypatch)
+    info = {}
+    kernel_agop(k, X.float(), coef.float(), groups=groups, method="gram", info=info)
+    assert info["fallback"] and info["precision"] == "float64"
+    assert len(calls) == 2 and all(g is groups for _, g in calls)
+
+
+def test_refused_float32_gram_is_redone_by_the_direct_form_where_float64_is_slow(monkeypatch):
+    # the same wide problem as in the float64 redo above, where float64 products are 32 times
+    # slower than float32 ones (most GPUs): the direct form in float32 is cheaper
+    import agop.agop as agop_module
+
+    X, coef, groups = _wide_collapsed_problem()
+    X32, A32 = X.float(), coef.float()
+    k = LaplaceKernel(2.0)
+    monkeypatch.setattr(agop_module, "float64_slowdown", lambda device: 32.0)
+    info = {}
+    M = kernel_agop(k, X32, A32, groups=groups, method="gram", info=info)
+    assert info["fallback"] and (info["method"], info["precision"]) == ("direct", "float32")
+    ref = kernel_agop(k, X32.double(), A32.double(), groups=groups, method="direct")
+    assert _rel(M.double(), ref) < 1e-6
+
+
+def _estimate_reference(W, C, A):
+    """The gram form's documented error estimate ε‖T ∘ ccᵀ‖_F, in float64 from W's dtype's
+    inputs: T = W²∘|A||A|ᵀ + W∘(|A|B̂ᵀ + B̂|A|ᵀ) + diag(Σ_k B̂_k²), B̂ = |B| + √((W∘W)(A∘A)),
+    B = WA as formed in W's dtype, c the norms of the rows of C minus its column means."""
+    eps = torch.finfo(W.dtype).eps
+    B = (W @ A).double()
+    W, C, A = W.double(), C.double(), A.double()
+    Bh = B.abs() + ((W * W) @ (A * A)).sqrt()
+    Aa = A.abs()
+    T = (W @ W.T) * (Aa @ Aa.T) + W * (Aa @ Bh.T + Bh @ Aa.T) + torch.diag((Bh * Bh).sum(dim=1))
+    c = (C - C.mean(dim=0)).norm(dim=1)
+    return eps * float((T * c[:, None] * c[None, :]).norm())
+
+
+def test_gram_error_estimate_is_the_documented_bound():
+    # every ingredient of the estimate (|A|∘|A| with W², the random-walk term of B̂ in every
+    # row, the diagonal term, the centered row norms, the sum over row chunks), on spread and
+    # collapsed data, uncentered, with coefficients of any scale (the estimate is quadratic in
+    # them: ε‖T‖ scales by s², whatever s)
+    from agop.agop import _gram_form, _weight_matrix
+
+    k = LaplaceKernel(2.0)
+    C, A, _ = _data(N=30, D=6, K=2, seed=11)
+    cases = [(C.float() + 0.5, A.float(), None)]
+    for spread in (1e-1, 1e-2):
+        X, coef, groups = _collapsed_problem(spread, K=3, per=10, D=8, seed=2)
+        cases.append((X.float(), coef.float(), groups))
+    for X32, A32, groups in cases:
+        W = _weight_matrix(k, X32, groups, None)
+        ref = _estimate_reference(W, X32, A32)
+        for rows in (None, 7, 1):
+            for s in (1.0, 1e-6):
+                est = _gram_form(W, X32, s * A32, rows, estimate=True)[1]
+                assert abs(est - s * s * ref) <= 1e-4 * s * s * ref, (rows, s, est, ref)
+
+
+def test_gram_form_works_in_the_dtype_of_w():
+    from agop.agop import _gram_form, _weight_matrix
+
+    C, A, _ = _data(N=20, seed=12)
+    W = _weight_matrix(LaplaceKernel(), C.float(), None, None)
+    M, est = _gram_form(W, C, A, None, estimate=True)
+    M32, est32 = _gram_form(W, C.float(), A.float(), None, estimate=True)
+    assert M.dtype == torch.float32 and torch.equal(M, M32) and est == est32
+
+
+def test_precomputed_distances_are_used_in_the_centers_dtype():
+    # float64 distances for float32 centers: the weights are computed from their float32
+    # rounding, as from float32 distances (the precision info reports)
+    from agop.kernels import pairwise_distances
+
+    C, A, _ = _data(N=80, D=9, seed=5)
+    d = pairwise_distances(C)
+    k = LaplaceKernel(2.0)
+    info = {}
+    M = kernel_agop(k, C.float(), A.float(), method="gram", distances=d, info=info)
+    assert info["precision"] == "float32"
+    assert torch.equal(M, kernel_agop(k, C.float(), A.float(), method="gram",
+                                      distances=d.float()))

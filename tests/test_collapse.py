@@ -967,3 +967,93 @@ def test_measure_honours_num_classes():
     H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
     with pytest.raises(ValueError, match="no samples"):
         measure(H, y, num_classes=4)
+
+
+# --- tolerances and cut-offs at their exact constants --------------------------------------
+
+
+def test_pinv_cutoff_is_the_largest_of_its_three_documented_terms():
+    # √(max(D, 1000·N)·ε)·s_max, √D·ε_in·r (r² = Σ_c mean_{i∈c} ‖x_i‖²) and 4·N·ε·max_c ‖μ_c‖,
+    # each made the largest in turn; the statistics are given exactly (no rounding to hide in)
+    from agop.collapse import _EPS, _pinv_cutoff, _Stats
+
+    eps32 = float(np.finfo(np.float32).eps)
+
+    def stats(counts, means, ss, input_eps=_EPS):
+        return _Stats(np.asarray(counts), np.asarray(means, dtype=float),
+                      np.asarray(ss, dtype=float), None, input_eps)
+
+    def documented(s, s_max):
+        D, N = s.means.shape[1], int(np.sum(s.counts))
+        r = np.sqrt(np.sum(s.ss / s.counts + np.linalg.norm(s.means, axis=1) ** 2))
+        terms = (np.sqrt(max(D, 1000 * N) * _EPS) * s_max, np.sqrt(D) * s.input_eps * r,
+                 4 * N * _EPS * np.linalg.norm(s.means, axis=1).max())
+        return max(terms), int(np.argmax(terms))
+
+    wide = np.zeros((2, 3000))  # D = 3000 > 1000·N = 2000
+    wide[0, 0], wide[1, 1] = 3.0, 2.0
+    far = wide.copy()
+    far[:, 2] = 1e3
+    cases = [  # (statistics, s_max, the term that should be the largest)
+        (stats([1, 1], wide, [0.0, 0.0]), 2.5, 0),  # √(D·ε)·s_max
+        (stats([5, 7, 3], [[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], [4.0, 2.0, 1.0]), 1.7, 0),
+        (stats([5, 7, 3], [[1e3, 2.0], [1e3, -1.0], [1e3, 0.0]], [4.0, 2.0, 1.0], eps32), 1e-4, 1),
+        (stats([1, 1], far, [0.0, 0.0]), 1e-12, 1),  # √D·ε·r > 4·N·ε·max‖μ‖ for √D > 4N
+        (stats([400, 600], [[1e3, 0.0], [1e3, 1e-9]], [1.0, 2.0]), 1e-12, 2),
+    ]
+    for s, s_max, dominant in cases:
+        expected, which = documented(s, s_max)
+        assert which == dominant, (which, dominant)
+        assert _pinv_cutoff(s, s_max) == pytest.approx(expected, rel=1e-12)
+
+
+def test_coinciding_means_are_judged_at_exactly_four_n_eps_of_the_largest_mean():
+    # two classes whose means differ by k·ε at norm 1 (single samples: the means are exact);
+    # a third class far away. N = 3, so the tolerance is 4·3·ε·max‖μ‖ = 12ε: 14ε apart is a
+    # difference, 10ε apart is not (cdnv compares squared distances with the tolerance squared)
+    from agop.collapse import _EPS
+
+    def data(k):
+        H = np.array([[1.0, 0.0], [1.0 + k * _EPS, 0.0], [0.0, 1.0]])
+        return H, np.arange(3)
+
+    assert collapse.cdnv(*data(14)) == 0.0  # single samples: no spread, distinct means
+    with pytest.raises(ValueError, match="^classes 0 and 1 have the same mean"):
+        collapse.cdnv(*data(10))
+
+
+def test_input_eps_is_that_of_the_floating_dtype_handed_in():
+    from agop.collapse import _EPS, _input_eps
+
+    eps32, eps16 = float(np.finfo(np.float32).eps), float(np.finfo(np.float16).eps)
+    assert _input_eps(torch.ones(2, dtype=torch.float32)) == eps32
+    assert _input_eps(np.ones(2, dtype=np.float16)) == eps16
+    assert _input_eps(torch.ones(2, dtype=torch.float64)) == _EPS
+
+    class Odd:  # a dtype numpy does not know
+        dtype = "no such dtype"
+
+    for a in (torch.arange(3), torch.ones(2, dtype=torch.bool), np.arange(3), np.ones(2, bool),
+              [[1.0, 2.0]], [[1, 2]], Odd()):
+        assert _input_eps(a) == _EPS, a
+    # integer features: the float64 cut-off, the same numbers as their float64 copy
+    rng = np.random.default_rng(3)
+    H, y = rng.integers(-5, 6, size=(30, 4)), np.arange(30) % 3
+    ref = measure(H.astype(np.float64), y)
+    assert measure(torch.from_numpy(H), y) == ref
+    assert measure(H.tolist(), y) == ref
+
+
+@pytest.mark.parametrize("f", [measure] + [getattr(collapse, k) for k in KEYS])
+def test_every_metric_checks_its_inputs_and_names_them(f):
+    # as gram does: N = 12 rows of D = 5 features (N ≠ D), errors name H and y
+    rng = np.random.default_rng(1)
+    H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
+    with pytest.raises(ValueError, match="^y must hold labels in 0..1"):
+        f(H, y, num_classes=2)
+    with pytest.raises(ValueError, match="^y has 11 label"):
+        f(H, y[:-1])
+    bad = H.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="^H "):
+        f(bad, y)

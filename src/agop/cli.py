@@ -204,7 +204,7 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- reproduce / report
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    from agop.report.plan import SCALES  # light: the plan loads torch only when it runs
+    from agop.report.scales import SCALES  # a constant: no torch
 
     p = sub.add_parser(
         "reproduce", help="every figure of the paper into one HTML report",

@@ -3,6 +3,7 @@ of each layer, run_rfm's records and exact resume, the resume rules, and `agop r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -476,3 +477,25 @@ def test_step_seconds_figure_stacks_each_layers_seconds(tmp_path, monkeypatch):
         below = [b + w for b, w in zip(below, want)]
     assert len(ax.patches) == len(bars) * len(layers)
     assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "centers"  # top first
+
+
+@pytest.mark.parametrize("solver, free, kept", [("exact", 1 << 40, True), ("exact", 1 << 20, False),
+                                                ("nystrom", 1 << 20, True)])
+def test_freed_memory_is_kept_where_the_plan_leaves_room(tmp_path, monkeypatch, solver, free,
+                                                         kept):
+    # Nyström runs keep freed memory for reuse; exact runs only where twice their planned peak
+    # fits in the free memory (agop.allocator: kept holes raise the peak)
+    import agop.experiments.rfm as rfm_mod
+
+    used = []
+
+    @contextlib.contextmanager
+    def spy():
+        used.append(True)
+        yield True
+
+    monkeypatch.setattr(rfm_mod, "retained_memory", spy)
+    monkeypatch.setattr(rfm_mod, "free_memory", lambda device: free)
+    extra = {"centers": 100} if solver == "nystrom" else {}
+    run_rfm(tmp_path / "r", progress=False, **{**SMALL, "depth": 1, "solver": solver, **extra})
+    assert used == ([True] if kept else [])

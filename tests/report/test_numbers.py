@@ -150,7 +150,10 @@ def _report_imports(module: str) -> set[str]:
 
 
 def test_report_modules_import_one_way():
-    """plan → page → numbers: nothing imports a module above it (lazy imports included)."""
-    assert _report_imports("numbers") == set()
-    assert _report_imports("page") == {"agop.report.numbers"}
-    assert _report_imports("plan") <= {"agop.report.page", "agop.report.numbers"}
+    """plan → page → numbers → scales: nothing imports a module above it (lazy imports
+    included)."""
+    assert _report_imports("scales") == set()
+    assert _report_imports("numbers") <= {"agop.report.scales"}
+    assert _report_imports("page") <= {"agop.report.numbers", "agop.report.scales"}
+    assert _report_imports("plan") <= {"agop.report.page", "agop.report.numbers",
+                                       "agop.report.scales"}

@@ -59,7 +59,7 @@ def rfm_collapse(rows: list[dict], path: str | os.PathLike, *, title: str | None
     ``rows``: ``agop rfm`` metrics rows (layer, stage, nc1, nc2); the last layer (the final
     solve) has the input stage only.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")  # no overlaps
     for ax, key, label in ((axes[0], "nc1", "NC1 = tr Σ_W / tr Σ_B"),
                            (axes[1], "nc2", "NC2 = ‖H̄H̄ᵀ − Σ_ETF‖_F / K²")):
         for stage, name in _RFM_STAGE_LABELS.items():

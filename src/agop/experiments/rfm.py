@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from agop._validate import check_int, finite_positive, metric_float, to_numpy
-from agop.backend import dtype_name, resolve_device, strict_fp32, synchronize
+from agop.backend import dtype_name, free_memory, resolve_device, strict_fp32, synchronize
 from agop.allocator import release_freed_memory, retained_memory
 from agop import distributed
 from agop.experiments.common import (Refused, checked, checkpoint_loop, data_config, load_data,
@@ -864,11 +864,16 @@ def _execute(comm: Any, plan: _Plan, *, progress: bool, pdf: bool, started: floa
                                  "rows": rows})  # after the records it matches
         return {"nc1": f"{new[0]['nc1']:.3g}"}
 
-    # Nyström layers allocate the same large blocks (K_NC, distances, AGOP chunks) again and
-    # again: keep freed memory for reuse (agop.allocator: 13:16 instead of ~15 min and 6.9
-    # instead of 4.9 GB for full MNIST); the exact path's few N × N blocks would only grow
-    # its peak (+60% at N = 8,000), so it keeps glibc's defaults
-    retain = model.solver_ == "nystrom" and model.device_.type == "cpu"
+    # every layer allocates the same large blocks again: keep freed memory for reuse
+    # (agop.allocator; full MNIST with Nyström: 13:16 instead of ~15 min, 6.9 instead of 4.9
+    # GB). Kept holes raise the peak (exact path: +60% at N = 8,000), so the exact path keeps
+    # them only where twice its planned peak fits in the free memory
+    # (a resumed single-process run read no data: the model knows its sizes)
+    n, dim = getattr(data, "N", None) or model.n_total_, getattr(data, "dim", None)
+    retain = model.device_.type == "cpu" and (
+        model.solver_ == "nystrom" or 2 * model.memory_needed(
+            n, dim or model.n_features_in_, K, getattr(data, "n_test", 0),
+            solver=model.solver_, world=comm.world) <= free_memory(model.device_))
     with retained_memory() if retain else contextlib.nullcontext():
         checkpoint_loop(steps, on_step, total=model.depth + 1, initial=model.layers_done_,
                         progress=progress, desc="agop rfm", unit="layer")

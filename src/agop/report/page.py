@@ -37,6 +37,7 @@ from markupsafe import Markup
 from agop import __version__
 from agop._validate import metric_float
 from agop.experiments.records import atomic_write_json, atomic_write_text
+from agop.report.scales import SCALES
 from agop.report.numbers import (DISPLAY_NAMES, KINDS, MAIN_DATASET, Run, acc, claims,
                                  gram_numbers, load_run, mlp_headline, num, passed, pct,
                                  rfm_headline, run_record, seconds, settings_text,
@@ -185,11 +186,10 @@ def _matches(run: Run, want: dict[str, Any]) -> bool:
 
 
 def run_scale(run: Run, scale: str | None = None) -> str:
-    """The scale of :data:`agop.report.plan.SCALES` whose plan gives the run's settings
+    """The scale of :data:`agop.report.scales.SCALES` whose plan gives the run's settings
     (``scale``, the one the report was made at, is tried first); "custom" for none, "fixed"
     for the theory checks (not sized by a scale). Read from the run's config.json alone, so a
     run keeps its scale in a report of runs from several scales."""
-    from agop.report.plan import SCALES  # the sizes only (a constant): nothing is planned here
 
     if run.kind == "theory":
         return "fixed"
