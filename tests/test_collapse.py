@@ -336,6 +336,12 @@ def test_extreme_scales_give_the_metrics_of_scale_one_or_a_refusal():
         with pytest.raises(ValueError, match="outside .*rescale the features"):
             acc.update(H[4:] * scale, y[4:])
         assert acc.count == 4  # a refused batch leaves the accumulator as it was
+    # the largest finite scale: max |h| = 2^1023 must come down by 2^-1024 exactly (in two
+    # steps); a factor off by even 2^10 leaves squares near 2^1040, which overflow
+    top = H * (2.0**1023 / np.abs(H).max())
+    assert np.isfinite(top).all() and np.abs(top).max() > 2.0**1022
+    assert_dicts_close(measure(top, y), m, rtol=1e-12)
+    np.testing.assert_allclose(gram(top, y)[0], G, rtol=0, atol=1e-14)
 
 
 def test_cdnv_matches_double_loop():

@@ -55,10 +55,35 @@ def test_select_centers_respreads_what_a_small_class_lacks():
 
 
 @pytest.mark.parametrize("M, match", [(11, "exceed the N = 10"), (2, "fewer than the K = 3"),
-                                      (0, "M \\(the number of centers\\)")])
+                                      (0, "^M \\(the number of centers\\) must be an integer ≥ 1")])
 def test_select_centers_bad_input(M, match):
     with pytest.raises(ValueError, match=match):
         ny.select_centers(np.arange(10) % 3, M)
+    with pytest.raises(ValueError, match="^seed must be an integer ≥ 0"):
+        ny.select_centers(np.arange(10) % 3, 4, seed=-1)
+
+
+def test_select_centers_takes_the_classes_present_and_seed_0_by_default():
+    y = np.repeat([0, 2, 5], [6, 9, 3])  # classes 1, 3, 4 have no points: K = 3 present
+    c = ny.select_centers(y, 9)
+    assert np.array_equal(c, ny.select_centers(y, 9, seed=0))
+    assert list(np.bincount(y[c], minlength=6)) == [3, 0, 3, 0, 0, 3]
+    one = ny.select_centers(np.full(8, 4), 1, seed=2)  # one class, one center
+    assert len(one) == 1 and 0 <= one[0] < 8
+    assert np.array_equal(ny.select_centers(np.full(8, 4), 8), np.arange(8))
+
+
+def test_select_centers_water_filling_is_balanced_for_every_seed():
+    # M = 8 over a class of one point and two of 50: ⌊8/3⌋ = 2 each and 2 extras; class 0
+    # takes 1, the other 7 go 4 + 3 to the two open classes whichever the extras fall on
+    # (only the open classes share what is left; a last round may place a single center)
+    y = np.repeat([0, 1, 2], [1, 50, 50])
+    for seed in range(40):
+        c = ny.select_centers(y, 8, seed=seed)
+        counts = np.bincount(y[c])
+        assert len(np.unique(c)) == 8 and counts[0] == 1 and sorted(counts[1:]) == [3, 4]
+        c = ny.select_centers(np.repeat([0, 1], [1, 9]), 3, seed=seed)
+        assert list(c[:1]) == [0] and len(np.unique(c)) == 3
 
 
 # ----------------------------------------------------------------------------- the solve
@@ -213,6 +238,209 @@ def test_singular_gram_is_shifted_and_the_shift_does_not_change_the_answer():
     assert not info1["converged"] and info1["iterations"] == 1
 
 
+def _cgls_problem(seed=0, pert=0.3):
+    """A (60 × 8), ridge rows R, b with columns at scales 1e3 and 1, and a preconditioner S
+    that is the gram's factor times I + pert·(random upper): CGLS then needs ~10 iterations."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    R = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64), mode="r").R * 0.3
+    b = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    b *= torch.tensor([1e3, 1.0], dtype=torch.float64)
+    S = ny.gram_factor(A, R)[0] @ (torch.eye(8, dtype=torch.float64) + pert * torch.triu(
+        torch.randn(8, 8, generator=g, dtype=torch.float64)))
+    return A, R, b, S
+
+
+def _krylov_lstsq(A, R, b, S, k):
+    """CGLS's k-th iterate by its definition, per column: α₀ = S⁻¹S⁻ᵀÂᵀb̂ (Â = [A; R],
+    b̂ = [b; 0]) plus the best correction S⁻¹v, v in the Krylov space of B = S⁻ᵀÂᵀÂS⁻¹ at
+    g = S⁻ᵀÂᵀ(b̂ − Âα₀), of dimension k (an orthonormal basis, then a small least squares).
+    Also the largest column ratio ‖S⁻ᵀÂᵀ(b̂ − Âα)‖ / ‖S⁻ᵀÂᵀb̂‖."""
+    Ah = torch.cat([A, R])
+    bh = torch.cat([b, torch.zeros(R.shape[0], b.shape[1], dtype=b.dtype)])
+    Si = torch.linalg.inv(S)
+    B = Si.T @ Ah.T @ Ah @ Si
+    x0 = Si @ Si.T @ Ah.T @ bh
+    cols = []
+    for c in range(b.shape[1]):
+        r0 = bh[:, c] - Ah @ x0[:, c]
+        V = [Si.T @ Ah.T @ r0]
+        V[0] = V[0] / V[0].norm()
+        for _ in range(k - 1):
+            w = B @ V[-1]
+            for _ in range(2):  # Gram-Schmidt twice
+                for u in V:
+                    w = w - (u @ w) * u
+            V.append(w / w.norm())
+        Vm = torch.stack(V, 1)[:, :k]
+        step = torch.linalg.lstsq(Ah @ Si @ Vm, r0[:, None]).solution
+        cols.append(x0[:, c] + (Si @ Vm @ step)[:, 0])
+    x = torch.stack(cols, 1)
+    ratio = (Si.T @ Ah.T @ (bh - Ah @ x)).norm(dim=0) / (Si.T @ Ah.T @ bh).norm(dim=0)
+    return x, float(ratio.max())
+
+
+def test_cgls_iterates_are_the_krylov_least_squares_solutions():
+    # an inexact preconditioner, ridge rows and two columns at scales 1e3 and 1: after k
+    # iterations each column is the least-squares solution over its own k-dim Krylov space
+    A, R, b, S = _cgls_problem()
+    for k in range(6):
+        x, info = ny.cgls_solve(A, b, R, S, tol=0.0, max_iter=k)
+        ref, ratio = _krylov_lstsq(A, R, b, S, k)
+        assert info["iterations"] == k and not info["converged"]
+        assert _rel(x, ref) < 1e-11
+        assert info["relative_residual"] == pytest.approx(ratio, rel=1e-9)
+    # converged: the stacked least-squares solution; and float32 Y is taken as float64
+    x, info = ny.cgls_solve(A, b.float(), R, S)
+    ref = torch.linalg.lstsq(torch.cat([A, R]), torch.cat([b.float().double(), torch.zeros(
+        8, 2, dtype=torch.float64)]), driver="gelsd").solution
+    assert x.dtype == torch.float64 and _rel(x, ref) < 1e-12
+    assert info["converged"] and info["relative_residual"] <= ny.CGLS_TOLERANCE
+
+
+def _stall_stop(ratios):
+    """The documented stopping rule on a sequence of ratios (tol = 0): stop at the second
+    iteration in a row that does not halve the best ratio so far."""
+    best, stalls = ratios[0], 0
+    for it in range(1, len(ratios)):
+        stalls = stalls + 1 if ratios[it] > 0.5 * best else 0
+        best = min(best, ratios[it])
+        if stalls == 2:
+            return it
+    return None
+
+
+@pytest.mark.parametrize("seed, pert", [(1, 0.0), (0, 0.3)])
+def test_cgls_stops_when_its_residual_stops_halving_or_reaches_tol(seed, pert):
+    # the ratios after k iterations, from runs stopped at k (the same arithmetic)
+    A, R, b, S = _cgls_problem(seed, pert)
+    full = ny.cgls_solve(A, b, R, S, tol=0.0)[1]
+    ratios = [ny.cgls_solve(A, b, R, S, tol=0.0, max_iter=k)[1]["relative_residual"]
+              for k in range(full["iterations"] + 1)]
+    assert full["iterations"] == _stall_stop(ratios) < 50
+    assert full["relative_residual"] == ratios[-1] and not full["converged"]
+    # tol equal to the smallest ratio, first reached after k iterations: stops there (≤ tol)
+    k = int(np.argmin(ratios))
+    x, info = ny.cgls_solve(A, b, R, S, tol=ratios[k])
+    assert info["iterations"] == k and info["converged"]
+    assert torch.equal(x, ny.cgls_solve(A, b, R, S, tol=0.0, max_iter=k)[0])
+    # a floor at the final ratio counts as converged, just below it does not
+    for floor, ok in ((ratios[-1], True), (0.99 * ratios[-1], False)):
+        assert ny.cgls_solve(A, b, R, S, tol=0.0, floor=floor)[1]["converged"] is ok
+
+
+class _AddComm(Comm):
+    """One "rank" whose all-reduce adds E: the other ranks' share, or the rounding of a sum."""
+
+    def __init__(self, E):
+        self.E, self.rank, self.world, self.backend = E, 0, 2, "test"
+
+    def all_reduce_sum(self, t):
+        return t + self.E
+
+
+def test_gram_factor_of_a_rank_without_rows_is_the_factor_of_the_ridge_part():
+    R = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(3),
+                                    dtype=torch.float64), mode="r").R
+    S, shift = ny.gram_factor(torch.zeros(0, 5, dtype=torch.float64), R)
+    assert shift == 0.0 and _rel(S.T @ S, R.T @ R) < 1e-14
+    assert torch.equal(S, torch.triu(S))
+
+
+def test_gram_factor_shift_is_eps_times_the_largest_diagonal_times_a_power_of_ten():
+    # G = diag(1e6, g, 1) exactly (scale 1e6); a pivot p counts only if p² > 8ε·scale, and
+    # the shifts tried are 0, ε·scale·10^t, t = 0, 1, …, 11
+    eps, scale = torch.finfo(torch.float64).eps, 1e6
+    Knc = torch.diag(torch.tensor([1e3, 1e-6, 1.0], dtype=torch.float64))
+    for g, t in ((1e-12, 1), (-50 * eps * scale, 2), (-8e3 * eps * scale, 4)):
+        E = torch.zeros(3, 3, dtype=torch.float64)
+        E[1, 1] = g - 1e-12  # the other "rank" makes G₂₂ = g (up to rounding)
+        S, shift = ny.gram_factor(Knc, None, _AddComm(E))
+        assert shift == pytest.approx(eps * scale * 10.0**t, rel=1e-12)
+        assert float(S[1, 1]) == pytest.approx(math.sqrt(g + shift), rel=1e-6)
+    # indefinite by 1e-4·scale: 12 shifts reach ε·scale·1e11 ≈ 2.2e-5·scale, not enough
+    E = torch.zeros(3, 3, dtype=torch.float64)
+    E[1, 1] = -1e-4 * scale
+    with pytest.raises(ValueError, match="could not be factored even shifted"):
+        ny.gram_factor(Knc, None, _AddComm(E))
+    assert ny.gram_factor(Knc, None, _AddComm(E), max_tries=13)[1] == pytest.approx(
+        eps * scale * 1e12, rel=1e-12)
+
+
+class _DentedLaplace(LaplaceKernel):
+    """Laplace minus ``dent`` on the diagonal (the zero distances): K_CC − dent·I, indefinite
+    once dent exceeds λ_min(K_CC) (as rounding can leave a semidefinite K_CC below 0)."""
+
+    def __init__(self, dent):
+        super().__init__(2.0)
+        self.dent = dent
+
+    def from_distances(self, dist):
+        return super().from_distances(dist) - self.dent * (dist == 0).to(dist.dtype)
+
+
+def test_center_factor_is_the_float64_factor_of_kcc_about_the_class_means():
+    X, y = _collapsed(1e-6, K=3, per=6, D=5)  # 18 centers 1e-6 apart within a class
+    groups = ny.center_groups(y, np.arange(18))
+    kernel = LaplaceKernel(2.0)
+    R, jitter = ny.center_factor(kernel, X, groups=groups)
+    assert jitter == 0.0 and R.dtype == torch.float64 and torch.equal(R, torch.triu(R))
+    # K_CC from explicit differences: distances 1e-6 keep ~10 digits (raw ‖x‖²+‖z‖²−2xᵀz, 4)
+    assert float((R.T @ R - _kmat(kernel, X, X)).abs().max()) < 1e-13
+    R32 = ny.center_factor(kernel, X.float(), groups=groups)[0]  # built in float64 anyway
+    assert torch.equal(R32, ny.center_factor(kernel, X.float().double(), groups=groups)[0])
+    # ridge_factor: √λ R_CC with the same jitter; λ = 0: no rows
+    rows, j = ny.ridge_factor(kernel, X, 0.25, groups=groups)
+    assert j == 0.0 and torch.equal(rows, 0.5 * R)
+    assert torch.equal(ny.ridge_factor(kernel, X, 1.0, groups=groups)[0], R)
+    assert ny.ridge_factor(kernel, X, 0.0, groups=groups) == (None, 0.0)
+
+
+def test_center_factor_jitter_is_eps_times_the_first_power_of_ten_that_factors():
+    eps = torch.finfo(torch.float64).eps
+    C = _data(N=6, D=4, seed=14)[0]
+    K = _kmat(LaplaceKernel(2.0), C, C)
+    low = float(torch.linalg.eigvalsh(K)[0])
+    # K_CC − (λ_min + 500ε)·I: ε·10² leaves it indefinite by 400ε, ε·10³ definite by 500ε
+    kernel = _DentedLaplace(low + 500 * eps)
+    R, jitter = ny.center_factor(kernel, C)
+    assert jitter == pytest.approx(eps * 1e3, rel=1e-12)
+    Kj = _kmat(kernel, C, C) + jitter * torch.eye(6, dtype=torch.float64)
+    assert float((R.T @ R - Kj).abs().max()) < 1e-14
+    assert ny.ridge_factor(kernel, C, 4.0)[1] == jitter
+    # indefinite by 1e-6: 8 tries reach ε·1e7 ≈ 2.2e-9; the refusal says so
+    for factor in (ny.center_factor, lambda k, C, **kw: ny.ridge_factor(k, C, 1.0, **kw)):
+        with pytest.raises(ValueError, match="not positive definite even with a jitter of 2.22e-09"):
+            factor(_DentedLaplace(low + 1e-6), C)
+        assert factor(_DentedLaplace(low + 1e-6), C, max_tries=11)[1] == pytest.approx(
+            eps * 1e10, rel=1e-12)
+    with pytest.raises(ValueError, match="^ridge must be"):
+        ny.ridge_factor(kernel, C, -1.0)
+
+
+def test_solve_factor_back_substitutes_and_refuses_zero_pivots():
+    g = torch.Generator().manual_seed(15)
+    R = torch.triu(torch.randn(6, 6, generator=g, dtype=torch.float64)) + 3 * torch.eye(6)
+    R[1, 1] = 1.0  # a unit pivot is a pivot like any other
+    coef, rho = ny.solve_factor(R, 4)
+    assert _rel(R[:4, :4] @ coef, R[:4, 4:]) < 1e-14 and torch.equal(rho, R[4:, 4:])
+    for i, j, v in ((2, 2, 0.0), (0, 5, float("nan")), (4, 5, float("inf"))):
+        bad = R.clone()
+        bad[i, j] = v
+        with pytest.raises(ValueError, match="^the Nyström least-squares matrix is rank-def"):
+            ny.solve_factor(bad, 4)
+
+
+def test_condition_estimate_defaults_are_seed_0_at_most_30_steps_and_rtol_1e_2():
+    g = torch.Generator().manual_seed(16)
+    R = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64), mode="r").R
+    est = ny.condition_estimate(R)
+    assert est == ny.condition_estimate(R, iters=30, rtol=1e-2, seed=0)
+    assert est != ny.condition_estimate(R, seed=1)
+    assert ny.condition_estimate(R, rtol=0.0) == ny.condition_estimate(R, iters=30, rtol=0.0)
+    assert ny.condition_estimate(R, rtol=0.0) != ny.condition_estimate(R, iters=31, rtol=0.0)
+
+
 def test_auto_is_cgls_where_knc_fits_in_float64_else_tsqr(monkeypatch):
     X, y = _data(N=60, seed=2)
     centers = ny.select_centers(y, 20, seed=0)
@@ -279,6 +507,60 @@ def test_agop_matches_autograd_with_the_self_term_rule(kernel, per_class):
     assert _rel(M, _reference_agop(kernel, X, centers, A, range(45))) < 1e-10
 
 
+def test_agop_of_two_center_classes_matches_autograd():
+    # two groups: the other group's share F is still moved into the point's own frame
+    X, y = _data(N=24, D=4, K=2, seed=12)
+    X[y == 1] += 3.0  # the point frames differ from the raw coordinates by a lot
+    centers = ny.select_centers(y, 8, seed=0)
+    A = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kernel = LaplaceKernel(1.5)
+    M = ny.nystrom_agop(kernel, X, X[centers], A, centers=centers,
+                        groups=ny.center_groups(y, centers), chunk_rows=7)
+    assert _rel(M, _reference_agop(kernel, X, centers, A, range(24))) < 1e-10
+
+
+def test_second_pass_fitted_values_gradient_and_agop_sum_of_one_rank(monkeypatch):
+    X, y = _data(N=30, D=4, seed=13)
+    kernel = LaplaceKernel(2.0)
+    centers = ny.select_centers(y, 10, seed=0)
+    A = torch.randn(10, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A32 = A.float()  # any float dtype, cast to float64 (fitted) and to X's (AGOP)
+    A = A32.double()
+    Y = signed_one_hot(torch.as_tensor(y), 3, torch.float64)
+    Knc = _kmat(kernel, X, X[centers])
+    planned = []
+    monkeypatch.setattr(ny, "_chunk_rows", lambda *a: planned.append(a[4]) or 7)
+    clock = iter(range(1000))  # each reading of the clock one "second" later
+    monkeypatch.setattr(ny, "time", type("Clock", (), {"perf_counter": lambda: next(clock)}))
+    seconds = {"agop": 0.5}
+    out = ny.second_pass(kernel, X, X[centers], A32, Y, centers=centers, agop_rows=True,
+                         seconds=seconds)  # rows 0.. (row_start 0), chunks planned for float64
+    monkeypatch.undo()
+    assert planned == [torch.float64]
+    # 5 chunks of ≤ 7 rows, one "second" each for the fitted values and for the AGOP, added
+    assert seconds == {"fitted": 5, "agop": 5.5}
+    assert _rel(out["fitted"], Knc @ A) < 1e-12 and out["fitted"].dtype == torch.float64
+    assert _rel(out["gradient"], Knc.T @ (Y - Knc @ A)) < 1e-12
+    assert _rel(out["agop"], 30 * _reference_agop(kernel, X, centers, A, range(30))) < 1e-10
+    assert out["agop_count"] == 30
+    # rank 1 of 2 (global rows 12..29), the AGOP at 4 of its rows, no Y
+    rows = np.array([0, 3, 9, 17])
+    out = ny.second_pass(kernel, X[12:], X[centers], A, row_start=12, centers=centers,
+                         agop_rows=rows, chunk_rows=5)
+    assert _rel(out["fitted"], Knc[12:] @ A) < 1e-12 and out["gradient"] is None
+    ref = 4 * _reference_agop(kernel, X, centers, A, rows + 12)
+    assert _rel(out["agop"], ref) < 1e-10 and out["agop_count"] == 4
+    for none in (None, False):
+        out = ny.second_pass(kernel, X, X[centers], A, centers=centers, agop_rows=none)
+        assert out["agop"] is None and out["agop_count"] == 0
+        assert _rel(out["fitted"], Knc @ A) < 1e-12
+    # float64 centers with float32 rows: the AGOP works in the rows' dtype throughout
+    X32 = X.float()
+    a = ny.second_pass(kernel, X32, X[centers], A, centers=centers, agop_rows=True)
+    b = ny.second_pass(kernel, X32, X32[centers], A, centers=centers, agop_rows=True)
+    assert a["agop"].dtype == torch.float32 and torch.equal(a["agop"], b["agop"])
+
+
 def _collapsed(spread, K=4, per=40, D=16, seed=0):
     """Late Deep RFM layers: classes collapsed to ``spread`` around unit-norm means."""
     g = torch.Generator().manual_seed(seed)
@@ -302,6 +584,23 @@ def test_float32_agop_after_collapse_stays_accurate_in_per_class_coordinates(spr
     raw = ny.nystrom_agop(kernel, X.float(), X[centers].float(), coef, centers=centers)
     assert _rel(M32.double(), ref) < 1e-5  # measured 1.3e-7 at every spread
     assert _rel(raw.double(), ref) > 1e-4  # without them: 1.4e-4, 1e-2, 0.56 as spread falls
+
+
+def test_second_pass_from_kept_kernel_values_stays_in_per_class_coordinates():
+    # the PCG path keeps K_NC (float64 values, no distances): the AGOP rows' distances are
+    # recomputed, in per-class coordinates about the float32 centers like everywhere else
+    X, y = _collapsed(1e-4)
+    X = X.float().double()
+    kernel = LaplaceKernel(2.0)
+    centers = ny.select_centers(y, 40, seed=0)
+    groups = ny.center_groups(y, centers)
+    coef = ny.fit_nystrom(X, y, centers, kernel, ridge=1e-6).coef
+    ref = ny.nystrom_agop(kernel, X, X[centers], coef, centers=centers, groups=groups) * 160
+    Knc = ny.kernel_block(kernel, X, X[centers], groups=groups, start=0, centers=centers)[0]
+    out = ny.second_pass(kernel, X.float(), X[centers], coef, centers=centers, groups=groups,
+                         agop_rows=True, kvalues=Knc, chunk_rows=50)
+    assert _rel(out["fitted"], Knc @ coef) < 1e-14
+    assert out["agop"].dtype == torch.float32 and _rel(out["agop"].double(), ref) < 1e-5
 
 
 # ----------------------------------------------------------------------------- ranks
