@@ -1,8 +1,9 @@
 """The table of docs/results.md: every claim of the paper, at the paper's settings and at quick
-scale, from the ``report.json`` of two ``agop reproduce`` runs (and, optionally, of extra
-``agop report`` folders, e.g. the MLP with the authors' preset).
+scale, from the numbers files of two ``agop reproduce`` runs (``DIR/summary.json``) and,
+optionally, of ``agop report`` pages (``report.json`` beside ``report.html``: e.g. the MLP with the
+authors' preset).
 
-    python scripts/results_table.py PAPER/report.json QUICK/report.json [--extra EXTRA/report.json]
+    python scripts/results_table.py PAPER/summary.json QUICK/summary.json [--extra EXTRA/report.json]
 
 Claims are matched by figure, statement and run (a cross-check's run, ``rfm-<ds>-exact`` or
 ``mlp-<ds>-authors``, with the quick run of its dataset); a verdict is "holds" when the paper-scale
