@@ -317,6 +317,7 @@ def test_from_state_rejects_a_bad_input_eps():
     good = {"counts": np.array([2.0, 3.0]), "shifted_means": np.zeros((2, 3)),
             "sum_squares": np.ones(2)}
     for bad, message in [(0.0, "machine epsilon"), (1.5, "machine epsilon"),
+                         (1.0, "machine epsilon"),
                          (np.nan, "NaN or inf"), (np.ones(2), r"has shape \(2,\)")]:
         with pytest.raises(ValueError, match=message):
             CollapseAccumulator.from_state({**good, "input_eps": np.asarray(bad)})
@@ -594,6 +595,30 @@ def test_coinciding_class_means_raise():
         collapse.nc1(np.ones((6, 3)), y)  # constant features
 
 
+def test_compute_refuses_an_empty_class_and_is_strict_by_default():
+    # measure() is strict by default and so is compute(): an undefined metric raises; with
+    # strict=False it is NaN and the others are measure(strict=False)'s
+    y = np.array([0, 0, 1, 1, 2, 2])
+    H = np.array([[-1.1], [-0.9], [-0.1], [0.1], [0.9], [1.1]])  # class 1's mean is μ_G
+    acc = CollapseAccumulator(3, 1)
+    acc.update(H, y)
+    for f in (lambda: measure(H, y), acc.compute, lambda: acc.compute(strict=True)):
+        with pytest.raises(ValueError, match="^the mean of class 1 equals the global mean"):
+            f()
+    loose, expected = acc.compute(strict=False), measure(H, y, strict=False)
+    nan = {k for k, v in expected.items() if np.isnan(v)}
+    assert nan and nan == {k for k, v in loose.items() if np.isnan(v)}
+    assert_dicts_close({k: v for k, v in loose.items() if k not in nan},
+                       {k: v for k, v in expected.items() if k not in nan}, rtol=1e-12)
+    # a class never fed: refused whatever strict says, before any metric is tried
+    acc = CollapseAccumulator(4, 1)
+    acc.update(H, y)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"^class\(es\) \[3\] have no samples among the 6 "
+                                             r"seen \(K = 4\)"):
+            acc.compute(strict=strict)
+
+
 def test_one_undefined_direction_raises_only_where_needed():
     y = np.array([0, 0, 1, 1, 2, 2])
     # Means −1, 0, +1 on a line: class 1's mean is μ_G, so nc2 is undefined but nc1 is not.
@@ -755,6 +780,23 @@ def test_state_is_public_float64_and_round_trips():
     back = CollapseAccumulator.from_state(acc.state())
     assert (back.num_classes, back.dim, back.pinv) == (3, 5, True)
     assert back.compute() == acc.compute()
+    assert back.class_counts.dtype == acc.class_counts.dtype == np.int64  # equal to acc
+    np.testing.assert_array_equal(back.class_counts, acc.class_counts)
+    # a class with count 0 keeps zeros, whatever statistics were passed for it
+    unseen = {k: v.clone() for k, v in acc.state().items()}
+    unseen["counts"][1] = 0
+    for k in ("shifts", "shifted_means", "sum_squares"):
+        unseen[k][1] = 7.0
+    back = CollapseAccumulator.from_state(unseen).state()
+    assert all(float(back[k][1].abs().sum()) == 0.0
+               for k in ("counts", "shifts", "shifted_means", "sum_squares"))
+    assert all(torch.equal(back[k][[0, 2]], unseen[k][[0, 2]])
+               for k in ("counts", "shifts", "shifted_means", "sum_squares"))
+    # a device named, tensors that require grad (e.g. gathered from a training loop)
+    tracked = {k: v.clone().requires_grad_(True) for k, v in acc.state().items()}
+    back = CollapseAccumulator.from_state(tracked, device="cpu")
+    assert back.compute() == acc.compute()
+    assert all(not v.requires_grad for v in back.state().values())
     # plain statistics (no shifts: shifted_means are then the class means), numpy, no scatter
     plain = {"counts": np.array([4, 6, 5]), "shifted_means": acc.class_means,
              "sum_squares": np.array(ss)}
@@ -764,6 +806,13 @@ def test_state_is_public_float64_and_round_trips():
     del expected["nc1_pinv"]
     assert_dicts_close(light.compute(), expected, rtol=1e-12)
     assert CollapseAccumulator(3, 5).state()["counts"].sum() == 0  # nothing seen: zeros
+    # nothing seen yet: zeros on the accumulator's device if it has one (CPU otherwise)
+    empty = CollapseAccumulator(3, 5, pinv=False, device="meta").state()
+    assert list(empty) == ["counts", "shifts", "shifted_means", "sum_squares", "input_eps"]
+    assert all(v.device.type == "meta" and v.dtype == torch.float64 for v in empty.values())
+    assert {k: tuple(v.shape) for k, v in empty.items()} == {
+        "counts": (3,), "shifts": (3, 5), "shifted_means": (3, 5), "sum_squares": (3,),
+        "input_eps": ()}
 
 
 def test_from_state_rejects_bad_statistics():

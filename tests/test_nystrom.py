@@ -86,6 +86,21 @@ def test_select_centers_water_filling_is_balanced_for_every_seed():
         assert list(c[:1]) == [0] and len(np.unique(c)) == 3
 
 
+def test_agop_sample_is_seeded_sorted_and_distinct():
+    s = ny.agop_sample(50, 20)
+    assert np.array_equal(s, ny.agop_sample(50, 20, seed=0)) and s.dtype == np.int64
+    assert np.array_equal(s, np.sort(np.random.default_rng([1, 0]).choice(50, 20, replace=False)))
+    assert len(np.unique(s)) == 20 and np.all(np.diff(s) > 0)
+    assert np.array_equal(ny.agop_sample(7, 7, seed=3), np.arange(7))
+    assert np.array_equal(ny.agop_sample(1, 1), [0])
+    for args, match in (((0, 1), "^N must be an integer ≥ 1"),
+                        ((5, 0), "^agop_points must be an integer ≥ 1"),
+                        ((5, 6), "^agop_points = 6 exceeds the N = 5"),
+                        ((5, 2, -1), "^seed must be an integer ≥ 0")):
+        with pytest.raises(ValueError, match=match):
+            ny.agop_sample(*args)
+
+
 # ----------------------------------------------------------------------------- the solve
 SOLVE = ["cgls", "tsqr"]
 
@@ -289,13 +304,25 @@ def test_cgls_iterates_are_the_krylov_least_squares_solutions():
         ref, ratio = _krylov_lstsq(A, R, b, S, k)
         assert info["iterations"] == k and not info["converged"]
         assert _rel(x, ref) < 1e-11
-        assert info["relative_residual"] == pytest.approx(ratio, rel=1e-9)
+        assert info["relative_residual"] == pytest.approx(ratio, rel=1e-9, abs=0)
     # converged: the stacked least-squares solution; and float32 Y is taken as float64
     x, info = ny.cgls_solve(A, b.float(), R, S)
     ref = torch.linalg.lstsq(torch.cat([A, R]), torch.cat([b.float().double(), torch.zeros(
         8, 2, dtype=torch.float64)]), driver="gelsd").solution
     assert x.dtype == torch.float64 and _rel(x, ref) < 1e-12
     assert info["converged"] and info["relative_residual"] <= ny.CGLS_TOLERANCE
+
+
+def test_cgls_of_a_zero_right_hand_side_is_zero_and_stops_only_at_max_iter():
+    A, R, b, S = _cgls_problem()
+    zero = torch.zeros(8, 2, dtype=torch.float64)
+    x, info = ny.cgls_solve(A, torch.zeros_like(b), R, S)
+    assert torch.equal(x, zero) and info["iterations"] == 0 and info["converged"]
+    # tol < 0: the ratio (exactly 0) never stops it, nor does it stall: max_iter, 50 by default
+    for kw, its in (({}, 50), ({"max_iter": 7}, 7)):
+        x, info = ny.cgls_solve(A, torch.zeros_like(b), R, S, tol=-1.0, **kw)
+        assert torch.equal(x, zero) and info["iterations"] == its
+        assert info["relative_residual"] == 0.0 and info["converged"]
 
 
 def _stall_stop(ratios):
@@ -348,23 +375,30 @@ def test_gram_factor_of_a_rank_without_rows_is_the_factor_of_the_ridge_part():
 
 
 def test_gram_factor_shift_is_eps_times_the_largest_diagonal_times_a_power_of_ten():
-    # G = diag(1e6, g, 1) exactly (scale 1e6); a pivot p counts only if p² > 8ε·scale, and
+    # G = diag(scale, g, 1) exactly; a pivot p counts only if p² > 8ε·scale, and
     # the shifts tried are 0, ε·scale·10^t, t = 0, 1, …, 11
-    eps, scale = torch.finfo(torch.float64).eps, 1e6
-    Knc = torch.diag(torch.tensor([1e3, 1e-6, 1.0], dtype=torch.float64))
+    eps = torch.finfo(torch.float64).eps
+    Knc = torch.diag(torch.tensor([1000.1, 1e-6, 1.0], dtype=torch.float64))
+    scale = 1000.1**2  # ≈ 1e6, no float32 number (nor are the shifts ε·scale·10^t)
     for g, t in ((1e-12, 1), (-50 * eps * scale, 2), (-8e3 * eps * scale, 4)):
         E = torch.zeros(3, 3, dtype=torch.float64)
         E[1, 1] = g - 1e-12  # the other "rank" makes G₂₂ = g (up to rounding)
         S, shift = ny.gram_factor(Knc, None, _AddComm(E))
-        assert shift == pytest.approx(eps * scale * 10.0**t, rel=1e-12)
-        assert float(S[1, 1]) == pytest.approx(math.sqrt(g + shift), rel=1e-6)
+        assert shift == pytest.approx(eps * scale * 10.0**t, rel=1e-12, abs=0)
+        assert float(S[1, 1]) ** 2 == pytest.approx(g + shift, rel=1e-10, abs=0)  # G + shift·I
+    # a pivot² exactly 8ε·scale is not enough: G = diag(2²¹, 2⁻²⁸, 1) (all from the other
+    # "rank"), 8ε·scale = 2⁻⁴⁹·2²¹ = 2⁻²⁸ = (2⁻¹⁴)²; the first shift ε·scale = 2⁻³¹ suffices
+    E = torch.diag(torch.tensor([2.0**21, 2.0**-28, 1.0], dtype=torch.float64))
+    S, shift = ny.gram_factor(torch.zeros(4, 3, dtype=torch.float64), None, _AddComm(E))
+    assert shift == 2.0**-31
+    assert float(S[1, 1]) ** 2 == pytest.approx(2.0**-28 + 2.0**-31, rel=1e-12, abs=0)
     # indefinite by 1e-4·scale: 12 shifts reach ε·scale·1e11 ≈ 2.2e-5·scale, not enough
     E = torch.zeros(3, 3, dtype=torch.float64)
     E[1, 1] = -1e-4 * scale
     with pytest.raises(ValueError, match="could not be factored even shifted"):
         ny.gram_factor(Knc, None, _AddComm(E))
     assert ny.gram_factor(Knc, None, _AddComm(E), max_tries=13)[1] == pytest.approx(
-        eps * scale * 1e12, rel=1e-12)
+        eps * scale * 1e12, rel=1e-12, abs=0)
 
 
 class _DentedLaplace(LaplaceKernel):
@@ -404,16 +438,17 @@ def test_center_factor_jitter_is_eps_times_the_first_power_of_ten_that_factors()
     # K_CC − (λ_min + 500ε)·I: ε·10² leaves it indefinite by 400ε, ε·10³ definite by 500ε
     kernel = _DentedLaplace(low + 500 * eps)
     R, jitter = ny.center_factor(kernel, C)
-    assert jitter == pytest.approx(eps * 1e3, rel=1e-12)
+    assert jitter == pytest.approx(eps * 1e3, rel=1e-12, abs=0)
     Kj = _kmat(kernel, C, C) + jitter * torch.eye(6, dtype=torch.float64)
     assert float((R.T @ R - Kj).abs().max()) < 1e-14
     assert ny.ridge_factor(kernel, C, 4.0)[1] == jitter
     # indefinite by 1e-6: 8 tries reach ε·1e7 ≈ 2.2e-9; the refusal says so
     for factor in (ny.center_factor, lambda k, C, **kw: ny.ridge_factor(k, C, 1.0, **kw)):
-        with pytest.raises(ValueError, match="not positive definite even with a jitter of 2.22e-09"):
+        with pytest.raises(ValueError, match="not positive definite even with a jitter of "
+                                             "2.22e-09"):
             factor(_DentedLaplace(low + 1e-6), C)
         assert factor(_DentedLaplace(low + 1e-6), C, max_tries=11)[1] == pytest.approx(
-            eps * 1e10, rel=1e-12)
+            eps * 1e10, rel=1e-12, abs=0)
     with pytest.raises(ValueError, match="^ridge must be"):
         ny.ridge_factor(kernel, C, -1.0)
 
@@ -439,6 +474,30 @@ def test_condition_estimate_defaults_are_seed_0_at_most_30_steps_and_rtol_1e_2()
     assert est != ny.condition_estimate(R, seed=1)
     assert ny.condition_estimate(R, rtol=0.0) == ny.condition_estimate(R, iters=30, rtol=0.0)
     assert ny.condition_estimate(R, rtol=0.0) != ny.condition_estimate(R, iters=31, rtol=0.0)
+
+
+def test_condition_estimate_first_step_and_stopping_rule():
+    g = torch.Generator().manual_seed(17)
+    R = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64), mode="r").R
+    R = 30 * R * torch.logspace(0, -3, 40, dtype=torch.float64)  # ‖R‖ ≫ 1, slow convergence
+    # step 1 works on the seeded block of 4 random vectors, not yet orthonormalized
+    V0 = torch.randn(40, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s1 = float(torch.linalg.matrix_norm(R @ V0, ord=2))
+    s2 = float(torch.linalg.matrix_norm(torch.linalg.solve_triangular(R.T, V0, upper=False),
+                                        ord=2))
+    kappa, norm = ny.condition_estimate(R, iters=1)
+    assert norm == pytest.approx(s1, rel=1e-12) and kappa == pytest.approx(s1 * s2, rel=1e-12)
+    # the estimates after k steps (runs of k steps); the rule stops at the first step where
+    # both ‖S‖ and ‖S⁻¹‖ changed by at most rtol of their new value (from 0 before step 1)
+    seq = [ny.condition_estimate(R, iters=k, rtol=0.0) for k in range(1, 41)]
+    norms = [n for _, n in seq]
+    inv = [kap / n for kap, n in seq]
+    for rtol in (1e-2, 1e-3, 1e-5):
+        k = next(k for k in range(1, 40) if abs(norms[k] - norms[k - 1]) <= rtol * norms[k]
+                 and abs(inv[k] - inv[k - 1]) <= rtol * inv[k])
+        assert k < 39 and ny.condition_estimate(R, iters=60, rtol=rtol) == seq[k]
+    # 1 × 1: after the first step both norms are exact; a loose rtol still takes two more
+    assert ny.condition_estimate(torch.eye(1, dtype=torch.float64), rtol=0.5) == (1.0, 1.0)
 
 
 def test_auto_is_cgls_where_knc_fits_in_float64_else_tsqr(monkeypatch):
@@ -532,13 +591,14 @@ def test_second_pass_fitted_values_gradient_and_agop_sum_of_one_rank(monkeypatch
     monkeypatch.setattr(ny, "_chunk_rows", lambda *a: planned.append(a[4]) or 7)
     clock = iter(range(1000))  # each reading of the clock one "second" later
     monkeypatch.setattr(ny, "time", type("Clock", (), {"perf_counter": lambda: next(clock)}))
-    seconds = {"agop": 0.5}
-    out = ny.second_pass(kernel, X, X[centers], A32, Y, centers=centers, agop_rows=True,
-                         seconds=seconds)  # rows 0.. (row_start 0), chunks planned for float64
+    seconds = {}
+    for total in (5, 10):  # the times are added to what the dict holds
+        out = ny.second_pass(kernel, X, X[centers], A32, Y, centers=centers, agop_rows=True,
+                             seconds=seconds)  # rows 0.. (row_start 0), planned for float64
+        # 5 chunks of ≤ 7 rows, one "second" each for the fitted values and for the AGOP
+        assert seconds == {"fitted": total, "agop": total}
     monkeypatch.undo()
-    assert planned == [torch.float64]
-    # 5 chunks of ≤ 7 rows, one "second" each for the fitted values and for the AGOP, added
-    assert seconds == {"fitted": 5, "agop": 5.5}
+    assert planned == [torch.float64] * 2
     assert _rel(out["fitted"], Knc @ A) < 1e-12 and out["fitted"].dtype == torch.float64
     assert _rel(out["gradient"], Knc.T @ (Y - Knc @ A)) < 1e-12
     assert _rel(out["agop"], 30 * _reference_agop(kernel, X, centers, A, range(30))) < 1e-10
@@ -584,6 +644,19 @@ def test_float32_agop_after_collapse_stays_accurate_in_per_class_coordinates(spr
     raw = ny.nystrom_agop(kernel, X.float(), X[centers].float(), coef, centers=centers)
     assert _rel(M32.double(), ref) < 1e-5  # measured 1.3e-7 at every spread
     assert _rel(raw.double(), ref) > 1e-4  # without them: 1.4e-4, 1e-2, 0.56 as spread falls
+
+
+def test_second_pass_from_kept_kernel_values_drops_every_self_term_by_index():
+    # recomputed distances of a row to itself need not be 0 (here row 2 to center 0 is ~1e-7
+    # on some BLAS): the term is dropped by index, center 0 included
+    X, y = _data(N=30, D=12, seed=18)
+    X = 3 * X + 1
+    kernel = LaplaceKernel(2.0)
+    centers = np.arange(2, 30, 3)
+    A = torch.randn(10, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = ny.second_pass(kernel, X, X[centers], A, centers=centers, agop_rows=True,
+                         kvalues=_kmat(kernel, X, X[centers]), chunk_rows=7)
+    assert _rel(out["agop"], 30 * _reference_agop(kernel, X, centers, A, range(30))) < 1e-10
 
 
 def test_second_pass_from_kept_kernel_values_stays_in_per_class_coordinates():
