@@ -943,21 +943,14 @@ def test_each_metric_honours_num_classes(name):
         f(H, y, num_classes=2)
 
 
-def test_gram_checks_its_inputs_and_names_them():
+def test_gram_refuses_a_class_without_samples():
+    # its other input checks: test_every_metric_checks_its_inputs_and_names_them
     from agop.collapse import gram
 
     rng = np.random.default_rng(1)
     H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
-    with pytest.raises(ValueError, match="^y must hold labels in 0..1"):
-        gram(H, y, num_classes=2)
     with pytest.raises(ValueError, match="no samples"):
         gram(H, y, num_classes=4)
-    with pytest.raises(ValueError, match="^y has 11 label"):
-        gram(H, y[:-1])
-    bad = H.copy()
-    bad[2, 1] = np.nan
-    with pytest.raises(ValueError, match="^H "):
-        gram(bad, y)
 
 
 def _row_near_global_mean(offset):
@@ -1099,9 +1092,9 @@ def test_input_eps_is_that_of_the_floating_dtype_handed_in():
     assert measure(H.tolist(), y) == ref
 
 
-@pytest.mark.parametrize("f", [measure] + [getattr(collapse, k) for k in KEYS])
+@pytest.mark.parametrize("f", [measure, collapse.gram] + [getattr(collapse, k) for k in KEYS])
 def test_every_metric_checks_its_inputs_and_names_them(f):
-    # as gram does: N = 12 rows of D = 5 features (N ≠ D), errors name H and y
+    # N = 12 rows of D = 5 features (N ≠ D), errors name H and y
     rng = np.random.default_rng(1)
     H, y = rng.normal(size=(12, 5)), np.arange(12) % 3
     with pytest.raises(ValueError, match="^y must hold labels in 0..1"):
